@@ -1,0 +1,1 @@
+"""ComfyUI nodes of the personalization pack."""
