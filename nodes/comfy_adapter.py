@@ -96,6 +96,10 @@ class TriggerWordTokenizer:
         for attr, sub in _sub_tokenizers(base):
             patched_sub = copy.copy(sub)
             patched_sub._try_get_embedding = self._lookup_for(sub)
+            if patched_sub.embedding_directory is None:
+                # A CLIP loaded without an embeddings folder (headless comfy.sd) skips the
+                # `embedding:` syntax altogether; an empty folder list keeps it on.
+                patched_sub.embedding_directory = []
             if attr:
                 setattr(self._patched, attr, patched_sub)
             else:
@@ -161,11 +165,27 @@ def encode_prompt(clip: comfy.sd.CLIP, text: str) -> tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------- training models
 
 
-def _fresh_weight(weight: torch.Tensor) -> torch.Tensor:
-    # ComfyUI's cast step already copied the weight (it copies whenever a wrapper is set):
-    # the copy is an ordinary tensor, where the loaded one is an inference tensor that
-    # autograd refuses to save for backward.
-    return weight
+class _FreshWeight:
+    """Weight wrapper for training clones.
+
+    ComfyUI's cast step copies a weight whenever a wrapper is set; the copy is an ordinary
+    tensor, where the loaded weight is an inference tensor that autograd refuses to save.
+    The copy is tagged with its source so the saved-tensor policy below can keep a
+    reference instead of the copy and cast again in backward: frozen weights then cost no
+    memory between forward and backward.
+    """
+
+    def __init__(self, module: torch.nn.Module, attr: str):
+        self.module = module
+        self.attr = attr
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        functions = getattr(self.module, f"{self.attr}_function", [])
+        # Only when nothing (a low-VRAM LoRA patch, say) altered it before us is the
+        # copy a plain cast of the stored tensor.
+        if functions and functions[0] is self:
+            weight._personalize_source = (self.module, self.attr)
+        return weight
 
 
 def _add_fresh_weight_wrappers(patcher: Any, module: torch.nn.Module, prefix: str = "") -> None:
@@ -174,7 +194,40 @@ def _add_fresh_weight_wrappers(patcher: Any, module: torch.nn.Module, prefix: st
             continue
         for attr in ("weight", "bias"):
             if getattr(sub, attr, None) is not None:
-                patcher.add_weight_wrapper(f"{prefix}{name}.{attr}", _fresh_weight)
+                patcher.add_weight_wrapper(f"{prefix}{name}.{attr}", _FreshWeight(sub, attr))
+
+
+_RECAST = object()
+
+
+@contextlib.contextmanager
+def _saved_tensors_policy(clone_activations: bool) -> Iterator[None]:
+    """How autograd keeps tensors for backward inside ComfyUI's modules.
+
+    - A frozen weight's per-forward copy: kept as a reference to the stored weight and
+      cast again when backward needs it (no copy lives between forward and backward).
+    - With ``clone_activations``: activations that depend on what trains are copied.
+      ComfyUI's CLIP adds residuals in place (x += attn(x)), so the tensors autograd saved
+      get overwritten and the gradient comes back silently wrong; saving copies makes it
+      exact (checked against finite differences in the tests).
+    """
+
+    def pack(tensor: torch.Tensor) -> Any:
+        source = getattr(tensor, "_personalize_source", None)
+        if source is not None:
+            return (_RECAST, source[0], source[1], tensor.dtype, tensor.device)
+        if clone_activations and tensor.requires_grad:
+            return tensor.clone()
+        return tensor
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, tuple) and packed and packed[0] is _RECAST:
+            _, module, attr, dtype, device = packed
+            return getattr(module, attr).to(device=device, dtype=dtype, copy=True)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def _attention_pytorch_override(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -222,6 +275,8 @@ class DiffusionModelForTraining:
             options = self.patcher.model_options.setdefault("transformer_options", {})
             options["optimized_attention_override"] = _attention_pytorch_override
         self.sampling = self.patcher.get_model_object("model_sampling")
+        # SDXL-style models read the pooled text embedding (their `y`); SD1/SD2 do not.
+        self.needs_pooled = getattr(self.patcher.model, "adm_channels", 0) > 0
 
     def load(self) -> None:
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
@@ -242,15 +297,19 @@ class DiffusionModelForTraining:
         )
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        # Loading the text encoder, the VAE or a preview sampler may have swapped our clone
+        # out (and its weight wrappers with it) on a small GPU; this is a no-op otherwise.
+        self.load()
         height, width = x.shape[-2] * 8, x.shape[-1] * 8
         extra: dict[str, Any] = {}
         adm = self.adm(pooled, height, width)
         if adm is not None:
             extra["y"] = adm.to(self.device)
-        return self.patcher.model.apply_model(
-            x.to(self.device), sigma.to(self.device), c_crossattn=cond.to(self.device),
-            transformer_options=self.patcher.model_options.get("transformer_options", {}), **extra,
-        )
+        with _saved_tensors_policy(clone_activations=False):
+            return self.patcher.model.apply_model(
+                x.to(self.device), sigma.to(self.device), c_crossattn=cond.to(self.device),
+                transformer_options=self.patcher.model_options.get("transformer_options", {}), **extra,
+            )
 
     def latents_from_pixels(self, vae: Any, pixels: torch.Tensor) -> torch.Tensor:
         """VAE-encode [B,H,W,3] pixels into the model's latent space (scaled), once."""
@@ -261,15 +320,6 @@ class DiffusionModelForTraining:
         if self.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _clone_saved_tensors() -> Iterator[None]:
-    # ComfyUI's CLIP adds residuals in place (x += attn(x)): tensors autograd saved get
-    # overwritten and the gradient comes back silently wrong. Saving copies makes it exact
-    # (checked against finite differences in the tests).
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        yield
 
 
 class TrainableTextEncoder:
@@ -284,16 +334,26 @@ class TrainableTextEncoder:
         _add_fresh_weight_wrappers(training_clip.patcher, training_clip.cond_stage_model)
         self.clip = bind_trigger_words(training_clip, {trigger: vectors})
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, prompts: list[str], need_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond [B, T, D], pooled [B, P] or None) for a batch of prompts.
+
+        Prompts that fit one 77-token chunk go through the encoder as one batch (ComfyUI's
+        encoder takes a prompt's chunks as a batch); the pooled output exists per prompt
+        only when each is encoded alone, so SDXL (whose model reads it) encodes one by one.
+        """
         from .training_math import repeat_to_common_length
 
-        conds, pooled = [], []
-        with _clone_saved_tensors():
-            for prompt in prompts:
-                cond, pool = encode_prompt(self.clip, prompt)
-                conds.append(cond)
-                pooled.append(pool)
-        pooled_batch = torch.cat(pooled) if all(p is not None for p in pooled) else None
+        token_sets = [self.clip.tokenize(prompt) for prompt in prompts]
+        single_chunk = all(len(chunks) == 1 for tokens in token_sets for chunks in tokens.values())
+        with _saved_tensors_policy(clone_activations=True):
+            if len(prompts) > 1 and single_chunk and not need_pooled:
+                merged = {key: [tokens[key][0] for tokens in token_sets] for key in token_sets[0]}
+                cond = self.clip.encode_from_tokens(merged)
+                return cond.reshape(len(prompts), -1, cond.shape[-1]), None
+            encoded = [self.clip.encode_from_tokens(tokens, return_pooled=True) for tokens in token_sets]
+        conds = [cond for cond, _ in encoded]
+        pooled = [pool for _, pool in encoded]
+        pooled_batch = torch.cat(pooled) if need_pooled and all(p is not None for p in pooled) else None
         return repeat_to_common_length(conds), pooled_batch
 
 
@@ -327,6 +387,13 @@ def single_known_token(clip: comfy.sd.CLIP, word: str) -> bool:
 # --------------------------------------------------------------------------- progress and cancel
 
 PROGRESS_EVENT = "personalize.training"
+
+
+def _json_number(value: Any) -> float | None:
+    # json.dumps writes NaN/Infinity as bare words, which browsers refuse as JSON.
+    import math
+
+    return float(value) if value is not None and math.isfinite(float(value)) else None
 Cancelled = comfy.model_management.InterruptProcessingException
 
 
@@ -369,7 +436,7 @@ class ProgressReporter:
         self.bar.update_absolute(step, self.total, preview)
         main = "loss" if "loss" in smoothed else next(iter(smoothed), None)
         if main is not None and status == "running":
-            self._pending_points.append([step, float(smoothed[main])])
+            self._pending_points.append([step, _json_number(smoothed[main])])
         now = self._time()
         if status == "running" and now - self._last_sent < self.min_interval_s and step < self.total:
             return
@@ -382,9 +449,9 @@ class ProgressReporter:
                 "status": status,
                 "step": step,
                 "total": self.total,
-                "loss": float(losses[main]) if main in losses else None,
-                "loss_smoothed": float(smoothed[main]) if main is not None else None,
-                "losses": {k: float(v) for k, v in smoothed.items()},
+                "loss": _json_number(losses.get(main)) if main is not None else None,
+                "loss_smoothed": _json_number(smoothed.get(main)) if main is not None else None,
+                "losses": {k: _json_number(v) for k, v in smoothed.items()},
                 "elapsed_s": elapsed,
                 "eta_s": elapsed / step * (self.total - step) if step > 0 else None,
                 "points": self._pending_points,
@@ -418,3 +485,35 @@ def input_subfolders() -> list[str]:
         return []
     found = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir() and not p.name.startswith(".")]
     return sorted(found, key=str.lower)
+
+
+# --------------------------------------------------------------------------- previews
+
+
+def conditioning(clip: comfy.sd.CLIP, text: str) -> list:
+    """CONDITIONING as CLIP Text Encode returns it."""
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def render_preview(model: Any, clip: comfy.sd.CLIP, vae: Any, prompt: str, seed: int, width: int, height: int,
+                   steps: int = 20, cfg: float = 7.0, sampler_name: str = "euler", scheduler: str = "normal") -> Any:
+    """An image (PIL) from ComfyUI's own sampler, for the node's live preview."""
+    import comfy.sample
+    from PIL import Image
+
+    with torch.inference_mode():
+        positive, negative = conditioning(clip, prompt), conditioning(clip, "")
+        latent = torch.zeros(1, 4, height // 8, width // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        # No callback and no progress bar: the training node owns its bar.
+        samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+        pixels = vae.decode(samples)[0].clamp(0, 1)
+    array = (pixels.reshape(-1, *pixels.shape[-3:])[0].cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)
+
+
+def preview_payload(image: Any) -> tuple[str, Any, int]:
+    """What ComfyUI's progress bar takes as a preview image."""
+    return ("JPEG", image, 512)

@@ -17,7 +17,7 @@ import torch
 
 from . import comfy_adapter
 from .embedding_file import EmbeddingFile, EmbeddingMismatchError, resolve_inside, vectors_for_encoders
-from .prompts import TEMPLATE_SETS, choose_prompts, parse_custom_templates
+from .prompts import TEMPLATE_SETS, choose_prompts, fill_template, parse_custom_templates
 from .training_images import TrainingImageSet, group_into_buckets
 from .training_math import LossTracker, init_vector_groups, parse_learning_rate, prediction_loss, sample_timesteps
 
@@ -48,6 +48,8 @@ class TextualInversionSettings:
     file_format: Literal["safetensors", "pt"] = "safetensors"
     overwrite: bool = False
     save: bool = True
+    preview_every: int = 0
+    preview_prompt: str = "a photo of {}"
 
     def output_name(self) -> str:
         return self.file_name.strip() or self.trigger_word.strip().strip("<>") or "embedding"
@@ -111,6 +113,8 @@ def validate(settings: TextualInversionSettings, images: TrainingImageSet | None
         raise ValueError("batch size and gradient accumulation must be at least 1")
     if settings.resolution < 64 or settings.resolution % 64:
         raise ValueError(f"resolution must be a multiple of 64 (got {settings.resolution})")
+    if settings.preview_every < 0:
+        raise ValueError("preview every must be 0 (off) or a number of steps")
     if settings.save_every < 0:
         raise ValueError("save every must be 0 (only at the end) or a number of steps")
     if settings.templates == "captions" and not images.has_captions:
@@ -256,12 +260,12 @@ def train_textual_inversion(
                     sigma = unet.sigmas(sample_timesteps(latents.shape[0], generator))
                     x = unet.noisy(latents, noise, sigma)
                     with unet.autocast():
-                        cond, pooled = encoder.encode(prompts)
+                        cond, pooled = encoder.encode(prompts, unet.needs_pooled)
                         denoised = unet.denoise(x, sigma, cond, pooled)
                         target = latents
                         if teacher is not None:
                             with torch.no_grad():
-                                t_cond, t_pooled = teacher.encode(prompts)
+                                t_cond, t_pooled = teacher.encode(prompts, unet.needs_pooled)
                                 target = unet.denoise(x, sigma, t_cond, t_pooled)
                     loss = prediction_loss(denoised.float(), target.float(), sigma, unet.prediction).mean()
                     (loss / settings.gradient_accumulation).backward()
@@ -270,7 +274,13 @@ def train_textual_inversion(
                 optimizer.zero_grad(set_to_none=True)
                 tracker.add(step, {"loss": step_loss})
                 raw, smooth = tracker.last()
-                progress.update(done, {"loss": raw}, {"loss": smooth})
+                preview = None
+                if settings.preview_every and (done % settings.preview_every == 0 or done == settings.steps):
+                    preview = comfy_adapter.preview_payload(comfy_adapter.render_preview(
+                        model, comfy_adapter.bind_trigger_words(clip, {trigger: snapshot().vectors}), vae,
+                        fill_template(settings.preview_prompt, trigger), settings.seed, settings.resolution, settings.resolution,
+                    ))
+                progress.update(done, {"loss": raw}, {"loss": smooth}, preview=preview)
                 if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                     save(step)
         except comfy_adapter.Cancelled:

@@ -49,6 +49,8 @@ class TrainTextualInversion:
                 "file_name": ("STRING", {"default": "", "tooltip": "File name in models/embeddings (empty: the trigger word without < >). Subfolders allowed; it cannot leave the folder."}),
                 "file_format": (["safetensors", "pt"], {"default": "safetensors", "tooltip": "safetensors (safe, with metadata) or AUTOMATIC1111's .pt."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of the same name. Off: an existing file stops the run before training."}),
+                "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Render a preview on the node every N steps with the preview prompt (0: off). Costs a sampling run (20 steps) each time."}),
+                "preview_prompt": ("STRING", {"default": "a photo of {}", "tooltip": "Prompt for the live preview; {} is replaced by the trigger word."}),
                 "resume_from": ([NO_RESUME] + comfy_adapter.embedding_file_names(), {"tooltip": "Continue training an existing embedding from models/embeddings (same model family); its vector count is used."}),
             },
             "optional": {

@@ -7,97 +7,21 @@ ComfyUI is on no package registry. The checkout is found, in this order:
 """
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-PACK_DIR = Path(__file__).resolve().parents[1]
-CACHE_CHECKOUT = Path.home() / ".cache" / "comfyui" / "ComfyUI"
-REFERENCE_COMMIT = "a125cd84"
-COMFYUI_REPOSITORY = "https://github.com/comfyanonymous/ComfyUI"
+sys.path.insert(0, str(Path(__file__).parent))
+import comfyui_runtime  # noqa: E402
+from comfyui_runtime import MODEL_CACHE, PACK_DIR, find_comfyui, pack_module  # noqa: E402,F401
 
-
-def _is_comfyui(path: Path) -> bool:
-    return (path / "comfy" / "sd.py").is_file() and (path / "nodes.py").is_file()
-
-
-def find_comfyui() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        if not _is_comfyui(Path(env)):
-            pytest.exit(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/sd.py and nodes.py)", returncode=4)
-        return Path(env)
-    if PACK_DIR.parent.name == "custom_nodes" and _is_comfyui(PACK_DIR.parent.parent):
-        return PACK_DIR.parent.parent
-    if _is_comfyui(CACHE_CHECKOUT):
-        return CACHE_CHECKOUT
-    CACHE_CHECKOUT.parent.mkdir(parents=True, exist_ok=True)
-    clone = subprocess.run(
-        ["git", "clone", "--depth", "1", COMFYUI_REPOSITORY, str(CACHE_CHECKOUT)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if clone.returncode == 0 and _is_comfyui(CACHE_CHECKOUT):
-        return CACHE_CHECKOUT
-    pytest.exit(
-        "No ComfyUI checkout found, and cloning one failed "
-        f"({(clone.stderr or '').strip().splitlines()[-1:] or 'no output'}).\n"
-        "Provide one of:\n"
-        "  - COMFYUI_PATH=/path/to/ComfyUI (a git checkout; the reference is v0.3.64, commit "
-        f"{REFERENCE_COMMIT})\n"
-        "  - this pack placed in ComfyUI/custom_nodes/\n"
-        f"  - a checkout at {CACHE_CHECKOUT} (e.g. `git clone {COMFYUI_REPOSITORY} {CACHE_CHECKOUT}`)",
-        returncode=4,
-    )
-
-
-COMFYUI_DIR = find_comfyui()
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="personalize-tests-"))
-MODEL_CACHE = Path(os.environ.get("PERSONALIZE_TINY_MODELS", Path.home() / ".cache" / "comfy-personalize" / "tiny-models"))
-
-
-def _start_comfyui() -> None:
-    """Import ComfyUI the way main.py does, on the CPU, with its folders in a temp dir."""
-    sys.path.insert(0, str(COMFYUI_DIR))
-    import comfy.options  # noqa: F401  (args parsing stays off: pytest's argv is not ComfyUI's)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    # main.py imports utils.extra_config before nodes: afterwards `utils` means comfy/utils.py.
-    import utils.extra_config  # noqa: F401
-    import folder_paths
-
-    models = SESSION_DIR / "models"
-    for folder in ("checkpoints", "embeddings", "loras", "personalize_cache"):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        extensions = folder_paths.folder_names_and_paths.get(folder, ([], folder_paths.supported_pt_extensions))[1]
-        folder_paths.folder_names_and_paths[folder] = ([str(models / folder)], extensions)
-    for kind in ("output", "input", "temp"):
-        (SESSION_DIR / kind).mkdir(exist_ok=True)
-    folder_paths.set_output_directory(str(SESSION_DIR / "output"))
-    folder_paths.set_input_directory(str(SESSION_DIR / "input"))
-    folder_paths.set_temp_directory(str(SESSION_DIR / "temp"))
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
-        raise RuntimeError("ComfyUI did not load the pack (see the log above)")
-
-
-_start_comfyui()
-
-
-def pack_module(name: str = ""):
-    """A module of this pack as ComfyUI loaded it (``pack_module("nodes.embedding_file")``)."""
-    root = str(PACK_DIR).replace(".", "_x_")
-    return sys.modules[root + ("." + name if name else "")]
+try:
+    COMFYUI_DIR = comfyui_runtime.start(SESSION_DIR, cpu=True)
+except comfyui_runtime.ComfyUINotFound as error:
+    pytest.exit(str(error), returncode=4)
 
 
 def run_node(node_type: str, **inputs):
