@@ -1,0 +1,297 @@
+"""Our side of the DreamBooth benchmark: seconds per step and peak RSS of the training core.
+
+The tiny SD1.5 checkpoint of ``tests/tiny_models.py`` is loaded by ComfyUI itself (headless, the
+pack loaded as a custom node by ``tests/comfyui_runtime.py``,
+``comfy.sd.load_checkpoint_guess_config`` under ``torch.inference_mode()``, as the executor
+loads it) and ``DreamBoothTrainer.step`` of ``nodes/dreambooth.py`` runs N timed steps after
+warm-up ones. Peak RSS never goes down within a process, so every configuration runs in a
+fresh process and prints one JSON line::
+
+    python tests/benchmarks/dreambooth_benchmark.py                   # full/LoRA x prior off/on
+    python tests/benchmarks/dreambooth_benchmark.py --one --mode lora --prior on --steps 5
+    python tests/benchmarks/dreambooth_benchmark.py --compare         # side by side with the
+                                                                      # diffusers reference loops
+
+What a step includes differs from the reference loops by design: the pack VAE-encodes the
+images once and encodes frozen prompts once, the reference examples do both every step.
+With prior preservation the class images are random latents (the reference uses random
+class pixels): generating them is not part of a training step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+TESTS_DIR = BENCH_DIR.parent
+PACK_DIR = TESTS_DIR.parent
+MODEL_CACHE = Path(os.environ.get("PERSONALIZE_TINY_MODELS", Path.home() / ".cache" / "comfy-personalize" / "tiny-models"))
+CONFIGS = (("lora", False), ("lora", True), ("full", False), ("full", True))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_mb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    value = _status_mb("VmRSS")
+    if value is not None:
+        return value
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux): the training peak apart from the loading one."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_since_reset_mb() -> float:
+    value = _status_mb("VmHWM")
+    return value if value is not None else peak_rss_mb()
+
+
+def _snapshot(device: Any, label: str) -> dict[str, float]:
+    import torch
+
+    snap = {f"rss_{label}_mb": round(current_rss_mb(), 1), f"peak_rss_{label}_mb": round(peak_since_reset_mb(), 1)}
+    if device.type == "cuda":
+        snap[f"cuda_allocated_{label}_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        snap[f"cuda_peak_{label}_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return snap
+
+
+# --------------------------------------------------------------------------- ComfyUI, headless
+
+
+def start_comfyui(cpu: bool) -> None:
+    """ComfyUI imported as main.py does (tests/comfyui_runtime.py), folders in a temporary directory."""
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR))
+    import comfyui_runtime
+
+    comfyui_runtime.start(Path(tempfile.mkdtemp(prefix="dreambooth-bench-")), cpu=cpu, load_extra_nodes=False)
+
+
+def pack_module(name: str) -> types.ModuleType:
+    """A module of this pack as ComfyUI loaded it."""
+    import comfyui_runtime
+
+    return comfyui_runtime.pack_module(name)
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def run_one(mode: str, prior: bool, *, steps: int, warmup: int, resolution: int, batch_size: int, seed: int,
+            device: str, gradient_checkpointing: bool, checkpoint: Optional[Path] = None) -> dict[str, Any]:
+    start_comfyui(cpu=device == "cpu")
+    import torch
+
+    import comfy.model_management
+    import comfy.sd
+    import tiny_models
+
+    db = pack_module("nodes.dreambooth")
+    images_mod = pack_module("nodes.training_images")
+    path = checkpoint or tiny_models.cached_checkpoint("sd15", MODEL_CACHE)
+    torch_device = comfy.model_management.get_torch_device()
+    result: dict[str, Any] = {
+        "impl": "comfyui-personalize", "method": f"dreambooth_{mode}", "mode": mode, "prior_preservation": prior,
+        "checkpoint": str(path), "resolution": resolution, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup,
+        "seed": seed, "device": str(torch_device), "gradient_checkpointing": gradient_checkpointing,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_start": list(os.getloadavg()),
+    }
+    result.update(_snapshot(torch_device, "before_load"))
+    began = time.perf_counter()
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    result["load_s"] = round(time.perf_counter() - began, 3)
+    result.update(_snapshot(torch_device, "after_load"))
+    result["peak_rss_reset"] = reset_peak_rss()
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(max(4, batch_size), resolution, resolution, 3, generator=generator)
+    images = images_mod.TrainingImageSet.from_image_batch(pixels)
+    settings = db.DreamBoothSettings(
+        mode=mode, prior_preservation=prior, num_class_images=max(4, batch_size), steps=warmup + steps, resolution=resolution,
+        batch_size=batch_size, seed=seed, gradient_checkpointing=gradient_checkpointing, save=False, bucketing=False,
+        lora_rank=4, lora_alpha=4.0,  # the reference's DreamBooth LoRA rank (diffusers' default)
+    )
+    class_raw = None
+    if prior:  # stand-ins for generated class images: a step costs the same with any latents
+        class_raw = torch.randn(settings.num_class_images, 4, resolution // 8, resolution // 8, generator=generator)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        plan = db.validate(settings, images, model, clip, None)
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer = db.DreamBoothTrainer(model, clip, vae, images, settings, plan, class_raw=class_raw)
+            result["setup_s"] = round(time.perf_counter() - began, 3)
+            result.update(_snapshot(torch_device, "after_setup"))
+            result["trainable_params"] = sum(p.numel() for p in trainer.params)
+            times, cpu_times, losses = [], [], []
+            for step in range(1, warmup + steps + 1):
+                if torch_device.type == "cuda":
+                    torch.cuda.synchronize(torch_device)
+                began, cpu_began = time.perf_counter(), time.process_time()
+                losses.append(trainer.step(step)["loss"])
+                if torch_device.type == "cuda":
+                    torch.cuda.synchronize(torch_device)
+                if step > warmup:
+                    times.append(time.perf_counter() - began)
+                    cpu_times.append(time.process_time() - cpu_began)
+    result.update(_snapshot(torch_device, "end"))
+    result["s_per_step"] = round(statistics.fmean(times), 4)
+    result["s_per_step_median"] = round(statistics.median(times), 4)
+    result["s_per_step_min"] = round(min(times), 4)
+    result["step_times_s"] = [round(t, 4) for t in times]
+    # CPU seconds of this process per step: steadier than wall time on a shared machine.
+    result["cpu_s_per_step"] = round(statistics.fmean(cpu_times), 4)
+    result["cpu_utilisation"] = round(sum(cpu_times) / sum(times) / max(1, torch.get_num_threads()), 3)
+    result["loadavg_end"] = list(os.getloadavg())
+    result["losses"] = [round(v, 6) for v in losses]
+    result["train_overhead_peak_rss_mb"] = round(result["peak_rss_end_mb"] - result["rss_after_load_mb"], 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if torch_device.type == "cuda":
+        result["cuda_peak_mb"] = result["cuda_peak_end_mb"]
+        result["train_overhead_cuda_peak_mb"] = round(result["cuda_peak_end_mb"] - result["cuda_allocated_after_load_mb"], 1)
+    return result
+
+
+# --------------------------------------------------------------------------- fresh processes
+
+
+def one_command(mode: str, prior: bool, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--resolution", str(args.resolution), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device]
+    cmd += ["--prior", "on" if prior else "off"]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    if args.checkpoint is not None:
+        cmd += ["--checkpoint", str(args.checkpoint)]
+    return cmd
+
+
+def run_subprocess(cmd: list[str], timeout: Optional[float]) -> dict[str, Any]:
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"benchmark run printed no JSON line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    data = json.loads(lines[-1])
+    data["wall_s"] = round(time.perf_counter() - began, 2)
+    return data
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    modes = ("lora", "full") if args.mode == "both" else (args.mode,)
+    priors = {"off": (False,), "on": (True,), "both": (False, True)}[args.prior]
+    return [(m, p) for m in modes for p in priors]
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Ours and the diffusers reference loop per configuration, each in its own process."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import reference_loops
+
+    rows = []
+    for mode, prior in _configs(args):
+        ours = run_subprocess(one_command(mode, prior, args), args.timeout)
+        print(json.dumps(ours), flush=True)
+        reference = reference_loops.run_reference_subprocess(
+            "db", timeout=args.timeout, resolution=args.resolution, steps=args.steps, mode=mode, prior=prior,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, warmup=args.warmup,
+            checkpoint=args.checkpoint, gradient_checkpointing=args.gradient_checkpointing,
+        )
+        print(json.dumps(reference), flush=True)
+        rows.append({"mode": mode, "prior": prior, "ours": ours, "reference": reference})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ("config", "ours s/step", "ref s/step", "ours/ref", "ours CPU s/step", "ref CPU s/step",
+              "ours peak RSS MB", "ref peak RSS MB", "ours train +RSS MB", "ref train +RSS MB")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for row in rows:
+        ours, ref = row["ours"], row["reference"]
+        ratio = ours["s_per_step"] / ref["s_per_step"] if ref.get("s_per_step") else float("nan")
+        config = f"{row['mode']}{' + prior' if row['prior'] else ''}"
+        lines.append(" | ".join([
+            config, f"{ours['s_per_step']:.3f}", f"{ref['s_per_step']:.3f}", f"{ratio:.2f}",
+            f"{ours.get('cpu_s_per_step', float('nan')):.3f}", f"{ref.get('cpu_s_per_step', float('nan')):.3f}",
+            f"{ours['peak_rss_mb']:.0f}", f"{ref['peak_rss_mb']:.0f}",
+            f"{ours['train_overhead_peak_rss_mb']:.0f}", f"{ref['train_overhead_peak_rss_mb']:.0f}",
+        ]))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--one", action="store_true", help="run one configuration in this process (what the others spawn)")
+    parser.add_argument("--compare", action="store_true", help="also run the diffusers reference loop per configuration and print a table")
+    parser.add_argument("--mode", choices=("lora", "full", "both"), default="both")
+    parser.add_argument("--prior", choices=("off", "on", "both"), default="both", help="prior preservation")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="an SD1.x .safetensors (default: the tiny test checkpoint)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per process")
+    args = parser.parse_args(argv)
+
+    if args.one:
+        if args.mode == "both" or args.prior == "both":
+            parser.error("--one runs one configuration: --mode lora|full and --prior on|off")
+        result = run_one(args.mode, args.prior == "on", steps=args.steps, warmup=args.warmup, resolution=args.resolution,
+                         batch_size=args.batch_size, seed=args.seed, device=args.device,
+                         gradient_checkpointing=args.gradient_checkpointing, checkpoint=args.checkpoint)
+        print(json.dumps(result), flush=True)
+        return 0
+    if args.compare:
+        rows = compare(args)
+        print(format_table(rows), flush=True)
+        return 0
+    for mode, prior in _configs(args):
+        print(json.dumps(run_subprocess(one_command(mode, prior, args), args.timeout)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
