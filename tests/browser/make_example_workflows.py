@@ -1,0 +1,480 @@
+"""Generate example_workflows/*.json by building each graph in the real ComfyUI front end.
+
+Run from the pack's root with the Python environment that runs ComfyUI (torch, etc.), after
+`cd tests && npm ci` (playwright-core) and with Chromium installed:
+
+    python tests/browser/make_example_workflows.py            # (re)write example_workflows/*.json
+    python tests/browser/make_example_workflows.py --check    # exit 1 if a file is out of date
+    python tests/browser/make_example_workflows.py --only textual_inversion
+
+It starts ComfyUI (main.py, CPU, in a throw-away base directory with this pack linked into
+custom_nodes; the checkout is found as the tests find it: COMFYUI_PATH, an enclosing ComfyUI,
+or ~/.cache/comfyui/ComfyUI), opens the app in Chromium, and for each workflow below creates
+the nodes with LiteGraph.createNode(type), sets widgets BY NAME, connects slots BY NAME, lays
+the nodes out in columns (left to right, none overlapping), and saves app.graph.serialize().
+So widget order, hidden widgets (control_after_generate after a seed), defaults and the
+workflow format are exactly what the installed front end writes, and a renamed or removed
+input makes this script fail instead of silently shifting widgets_values. Re-run it whenever
+a node's inputs change (test_example_workflows.py fails while a file is out of date). Besides
+serialize(), only the workflow's "id" (a fixed UUID per file, so regenerating gives the same
+file) and extra.ds (the view it opens with: all of it, at a zoom where text is drawn) are set.
+
+Every workflow carries a MarkdownNote saying what to set and what it produces. Model and
+file names are placeholders users replace (v1-5-pruned-emaonly.safetensors, input/my-subject).
+tests/browser/test_example_workflows.py loads each file as drag-and-drop does and runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+BROWSER_DIR = Path(__file__).resolve().parent
+PACK_DIR = BROWSER_DIR.parents[1]
+OUT_DIR = PACK_DIR / "example_workflows"
+sys.path.insert(0, str(BROWSER_DIR))
+sys.path.insert(0, str(BROWSER_DIR.parent))
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+IMAGES_FOLDER = "my-subject"
+ID_NAMESPACE = uuid.UUID("5b0c3a8e-5f1e-4f57-9b8a-1c2d3e4f5a6b")
+
+# Colours of ComfyUI's own default workflow: green positive, red negative prompt.
+GREEN = {"color": "#232", "bgcolor": "#353"}
+RED = {"color": "#322", "bgcolor": "#533"}
+NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
+
+NEGATIVE = "blurry, low quality, jpeg artifacts, watermark, text, deformed"
+
+
+def _note(text: str, height: int = 640) -> dict:
+    return {"type": "MarkdownNote", "title": "Read me", "widgets": {"text": text.strip() + "\n"},
+            "size": [440, height], **NOTE_COLOR}
+
+
+def _render(prefix: str, positive: str, negative: str = NEGATIVE) -> dict:
+    """The nodes of a plain text-to-image render (keys pos, neg, latent, sampler, decode, save)."""
+    return {
+        "pos": {"type": "CLIPTextEncode", "title": "Positive prompt", "widgets": {"text": positive},
+                "size": [400, 150], **GREEN},
+        "neg": {"type": "CLIPTextEncode", "title": "Negative prompt", "widgets": {"text": negative},
+                "size": [400, 150], **RED},
+        "latent": {"type": "EmptyLatentImage", "widgets": {"width": 512, "height": 512, "batch_size": 1}},
+        "sampler": {"type": "KSampler", "widgets": {"seed": 42, "control_after_generate": "randomize", "steps": 25,
+                                                    "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                                                    "denoise": 1.0}},
+        "decode": {"type": "VAEDecode"},
+        "save": {"type": "SaveImage", "widgets": {"filename_prefix": prefix}, "size": [420, 460]},
+    }
+
+
+TEXTUAL_INVERSION_NOTE = f"""
+## Textual Inversion: a new word for your subject
+
+Teaches the model a new word, **`<my-subject>`**, from a few photos. Only the word's vectors are
+trained: the checkpoint itself is not changed, and the result is a small embedding file.
+
+**Set**
+1. **Load Checkpoint**: your SD 1.5 checkpoint (`{CHECKPOINT}` here). SD 2.x and SDXL work too
+   (use resolution 768 / 1024).
+2. **Image Folder**: put 5-20 photos of the subject in `ComfyUI/input/{IMAGES_FOLDER}/`, with
+   optional same-name `.txt` captions. `path` is `{IMAGES_FOLDER}`; or pick the folder in `folder`
+   (press R to refresh the list) and clear `path`.
+3. **Train Textual Inversion**:
+   - `trigger_word`: the word your prompts will use (`<my-subject>`).
+   - `init_text`: a word close to the subject (`cat`, `person`, `toy`, `watercolor`).
+   - `steps`: 1500 (1000-3000 at batch 1 is typical); `resolution` 512 for SD 1.5.
+   - `templates`: `object` for a subject, `style` for a style, `captions` to use your captions.
+4. Change the prompts of the render to use the word, then **Queue**.
+
+While it trains the node shows step, loss, ETA and a loss chart, and a preview every 250 steps.
+Cancel keeps the last periodic save (`save_every`).
+
+**You get**
+- `ComfyUI/models/embeddings/my-subject.safetensors`: use it in any workflow with
+  **Apply Embedding**, or as `embedding:my-subject` in a prompt.
+- An image of `<my-subject>` on a beach, rendered with the trained CLIP, and the loss curve.
+
+The training seed is *fixed*: queueing again re-renders without retraining. To train again under
+the same name, turn on `overwrite` or change `file_name`.
+"""
+
+APPLY_EMBEDDING_NOTE = f"""
+## Apply Embedding: trained words in a prompt and a negative prompt
+
+Two **Apply Embedding** nodes in a chain bind two Textual Inversion embeddings to the CLIP:
+- **subject**: `my-subject.safetensors` as `<my-subject>`, used in the positive prompt;
+- **negative**: `bad-quality.safetensors` as `<bad-quality>`, used in the negative prompt
+  (a "negative embedding" trained on, or downloaded for, images you do *not* want).
+
+Both words work in both prompts, because both prompts are encoded with the CLIP at the end of
+the chain. Chain more nodes for more words.
+
+**Set**
+1. **Load Checkpoint**: the checkpoint family the embeddings were trained on (`{CHECKPOINT}`).
+2. Each **Apply Embedding**: `embedding_file` from `ComfyUI/models/embeddings/` (press R after
+   adding files), and `trigger_word`, the word the prompts use (empty: the name stored in the
+   file). `strength` scales the vectors (1 = as trained; 0.5-0.8 for a weaker effect).
+   Instead of a file, connect a training node's `embedding` output.
+3. Write the prompts with the trigger words, then **Queue**.
+
+**You get** an image of your subject in a new scene, in `ComfyUI/output/apply_embedding/`.
+
+`my-subject.safetensors` is what the *textual_inversion* example writes.
+"""
+
+DREAMBOOTH_PRIOR_NOTE = f"""
+## DreamBooth: full fine-tune with prior preservation
+
+Fine-tunes the whole UNet on 3-5 photos of one subject, named by a rare identifier: **`sks`**
+in *"a photo of sks dog"*. Prior preservation also trains on images the original model makes for
+*"a photo of dog"*, so the model keeps knowing what dogs in general look like.
+
+**Set**
+1. **Load Checkpoint**: your SD 1.5 checkpoint (`{CHECKPOINT}` here).
+2. **Image Folder**: 3-5 photos of the subject in `ComfyUI/input/{IMAGES_FOLDER}/`
+   (`path` = `{IMAGES_FOLDER}`, or pick it in `folder` and clear `path`).
+3. **DreamBooth Fine-tune** (`mode` = `full`):
+   - `instance_prompt`: identifier + class noun (`a photo of sks dog`); `class_prompt`: the same
+     without the identifier (`a photo of dog`). Use your subject's class (`man`, `cat`, `backpack`).
+   - `num_class_images`: 100 (the paper: 200-1000); they are generated once, with `class_steps`,
+     and cached in `models/personalize_cache` for later runs.
+   - `steps` 800, `learning_rate` auto (5e-6), `resolution` 512.
+   - Full fine-tuning needs a lot of memory: turn on `gradient_checkpointing`, or use `AdamW8bit`.
+4. **Queue**.
+
+**You get**
+- `ComfyUI/models/checkpoints/dreambooth-sks.safetensors` (`file_name` to change it), loadable
+  with Load Checkpoint in any workflow;
+- a render of *"a photo of sks dog in a bucket"* with the tuned MODEL and CLIP, straight away;
+- the loss curve (instance and prior loss) and notes on the identifier and class images.
+
+The training seed is *fixed*: queueing again re-renders without retraining.
+"""
+
+DREAMBOOTH_LORA_NOTE = f"""
+## DreamBooth LoRA with pivotal tuning
+
+Trains a small LoRA on 3-5 photos of one subject, and with **pivotal tuning** also learns a new
+vector for the identifier **`sks`** (started from the class word), as in Textual Inversion.
+Much less memory and disk than a full fine-tune.
+
+**Set**
+1. **Load Checkpoint**: your SD 1.5 checkpoint (`{CHECKPOINT}` here).
+2. **Image Folder**: 3-5 photos of the subject in `ComfyUI/input/{IMAGES_FOLDER}/`
+   (`path` = `{IMAGES_FOLDER}`, or pick it in `folder` and clear `path`).
+3. **DreamBooth Fine-tune** (`mode` = `lora`, `pivotal_tuning` on):
+   - `instance_prompt` `a photo of sks dog`, `class_prompt` `a photo of dog`: use your subject's
+     class noun. Prior preservation generates `num_class_images` class images once (cached).
+   - `lora_rank` / `lora_alpha` 16 (4-32 is usual), `steps` 800, `learning_rate` auto (1e-4).
+   - `train_text_encoder` adds the text encoder's layers to the LoRA (more fidelity, more drift).
+4. **Queue**.
+
+**You get**
+- `ComfyUI/models/loras/dreambooth-sks.safetensors`: load it with **Load LoRA** on the same
+  checkpoint;
+- `ComfyUI/models/embeddings/dreambooth-sks.safetensors`: the identifier's learned vector. With
+  the LoRA in other workflows, bind it with **Apply Embedding** (trigger word `sks`) or write
+  `embedding:dreambooth-sks` where the prompt says `sks`;
+- a render of *"a watercolor painting of sks dog"* with the tuned MODEL and CLIP (LoRA and vector
+  applied), and the loss curve.
+"""
+
+
+def textual_inversion() -> dict:
+    return {
+        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"],
+                    ["decode", "save"]],
+        "nodes": {
+            "note": _note(TEXTUAL_INVERSION_NOTE, 500),
+            "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
+            "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
+            "train": {"type": "PersonalizeTrainTextualInversion", "widgets": {
+                "trigger_word": "<my-subject>", "init_text": "*", "vectors_per_token": 1, "steps": 1500,
+                "learning_rate": "0.005", "batch_size": 1, "seed": 0, "control_after_generate": "fixed",
+                "templates": "object", "resolution": 512, "save_every": 500, "file_name": "",
+                "preview_every": 250, "preview_prompt": "a photo of {}",
+            }},
+            **_render("textual_inversion/my-subject", "a photo of <my-subject> on a beach, golden hour, detailed"),
+            "loss": {"type": "PreviewImage", "title": "Loss curve", "size": [400, 330]},
+        },
+        "links": [
+            ("ckpt", "MODEL", "train", "model"),
+            ("ckpt", "CLIP", "train", "clip"),
+            ("ckpt", "VAE", "train", "vae"),
+            ("images", "image_set", "train", "image_set"),
+            ("train", "clip", "pos", "clip"),
+            ("train", "clip", "neg", "clip"),
+            ("train", "loss_curve", "loss", "images"),
+            ("ckpt", "MODEL", "sampler", "model"),
+            ("pos", "CONDITIONING", "sampler", "positive"),
+            ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("ckpt", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+    }
+
+
+def apply_embedding() -> dict:
+    return {
+        "columns": [["note", "ckpt"], ["subject", "negative"], ["pos", "neg", "latent"], ["sampler"],
+                    ["decode", "save"]],
+        "nodes": {
+            "note": _note(APPLY_EMBEDDING_NOTE, 440),
+            "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
+            "subject": {"type": "PersonalizeApplyEmbedding", "title": "Apply Embedding (subject)", "widgets": {
+                "embedding_file": "my-subject.safetensors", "trigger_word": "<my-subject>", "strength": 1.0},
+                "size": [360, 130]},
+            "negative": {"type": "PersonalizeApplyEmbedding", "title": "Apply Embedding (negative)", "widgets": {
+                "embedding_file": "bad-quality.safetensors", "trigger_word": "<bad-quality>", "strength": 1.0},
+                "size": [360, 130]},
+            **_render("apply_embedding/my-subject", "a photo of <my-subject> in a snowy forest, detailed, sharp focus",
+                      "<bad-quality>, blurry, watermark"),
+        },
+        "links": [
+            ("ckpt", "CLIP", "subject", "clip"),
+            ("subject", "clip", "negative", "clip"),
+            ("negative", "clip", "pos", "clip"),
+            ("negative", "clip", "neg", "clip"),
+            ("ckpt", "MODEL", "sampler", "model"),
+            ("pos", "CONDITIONING", "sampler", "positive"),
+            ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("ckpt", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+    }
+
+
+def _dreambooth(note: str, note_height: int, settings: dict, prompt: str, prefix: str) -> dict:
+    return {
+        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"],
+                    ["decode", "save", "status"]],
+        "nodes": {
+            "note": _note(note, note_height),
+            "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
+            "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
+            "train": {"type": "PersonalizeDreamBoothFinetune", "size": [400, 0], "widgets": {
+                "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "identifier": "",
+                "seed": 0, "control_after_generate": "fixed", **settings}},
+            **_render(prefix, prompt),
+            "loss": {"type": "PreviewImage", "title": "Loss curve", "size": [400, 330]},
+            "status": {"type": "PreviewAny", "title": "Training notes", "size": [420, 200]},
+        },
+        "links": [
+            ("ckpt", "MODEL", "train", "model"),
+            ("ckpt", "CLIP", "train", "clip"),
+            ("ckpt", "VAE", "train", "vae"),
+            ("images", "image_set", "train", "image_set"),
+            ("train", "clip", "pos", "clip"),
+            ("train", "clip", "neg", "clip"),
+            ("train", "model", "sampler", "model"),
+            ("train", "loss_curve", "loss", "images"),
+            ("train", "status", "status", "source"),
+            ("pos", "CONDITIONING", "sampler", "positive"),
+            ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("ckpt", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+    }
+
+
+def dreambooth_prior_preservation() -> dict:
+    return _dreambooth(
+        DREAMBOOTH_PRIOR_NOTE, 560,
+        {"mode": "full", "prior_preservation": True, "num_class_images": 100, "prior_loss_weight": 1.0,
+         "steps": 800, "learning_rate": "auto", "train_text_encoder": False, "pivotal_tuning": False,
+         "resolution": 512, "class_steps": 30},
+        "a photo of sks dog in a bucket", "dreambooth/sks-dog",
+    )
+
+
+def dreambooth_lora_pivotal() -> dict:
+    return _dreambooth(
+        DREAMBOOTH_LORA_NOTE, 560,
+        {"mode": "lora", "prior_preservation": True, "num_class_images": 100, "steps": 800, "learning_rate": "auto",
+         "lora_rank": 16, "lora_alpha": 16.0, "lora_targets": "attention", "train_text_encoder": False,
+         "pivotal_tuning": True, "embedding_learning_rate": "auto", "resolution": 512},
+        "a watercolor painting of sks dog", "dreambooth/sks-dog-lora",
+    )
+
+
+WORKFLOWS = {
+    "textual_inversion": textual_inversion,
+    "apply_embedding": apply_embedding,
+    "dreambooth_prior_preservation": dreambooth_prior_preservation,
+    "dreambooth_lora_pivotal": dreambooth_lora_pivotal,
+}
+
+# Runs in the page: build one workflow, return app.graph.serialize() and the problems found.
+BUILD_JS = r"""
+const GAP_X = 60, GAP_Y = 40, LEFT = 0, TOP = 0;
+const TITLE = LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+app.graph.clear();
+const byKey = {}, problems = [], unlisted = [];
+for (const spec of arg.nodes) {
+  const node = LiteGraph.createNode(spec.type);
+  if (!node) { problems.push(`unknown node type ${spec.type}`); continue; }
+  if (spec.title) node.title = spec.title;
+  if (spec.color) node.color = spec.color;
+  if (spec.bgcolor) node.bgcolor = spec.bgcolor;
+  app.graph.add(node);
+  byKey[spec.key] = node;
+  for (const [name, value] of Object.entries(spec.widgets ?? {})) {
+    const w = node.widgets?.find((w) => w.name === name);
+    if (!w) {
+      const names = (node.widgets ?? []).map((w) => w.name).join(", ");
+      problems.push(`${spec.key} (${spec.type}) has no widget '${name}'; it has ${names}`);
+      continue;
+    }
+    const values = w.options?.values;
+    if (Array.isArray(values) && !values.includes(value)) {
+      // A file the user supplies (checkpoint, embedding): not on this server, fine in the file.
+      unlisted.push({ node: spec.key, widget: name, value, values: values.slice(0, 20) });
+    }
+    w.value = value;
+    if (w.value !== value) {
+      problems.push(`${spec.key}.${name}: set ${JSON.stringify(value)}, got ${JSON.stringify(w.value)}`);
+    }
+  }
+}
+for (const [from, output, to, input] of arg.links) {
+  const a = byKey[from], b = byKey[to];
+  if (!a || !b) { problems.push(`link ${from}.${output} -> ${to}.${input}: no such node`); continue; }
+  const o = a.findOutputSlot(output), i = b.findInputSlot(input);
+  if (o < 0 || i < 0) {
+    problems.push(`link ${from}.${output} (${o}) -> ${to}.${input} (${i}): no such slot; outputs ` +
+      `${a.outputs.map((s) => s.name)}, inputs ${b.inputs.map((s) => s.name)}`);
+    continue;
+  }
+  if (!a.connect(o, b, i)) problems.push(`link ${from}.${output} -> ${to}.${input} refused`);
+}
+// Sizes: at least what the node needs, at least what the spec asks.
+for (const spec of arg.nodes) {
+  const node = byKey[spec.key];
+  if (!node) continue;
+  const need = node.computeSize();
+  const width = Math.max(need[0], node.size[0], spec.size?.[0] ?? 0), height = Math.max(need[1], spec.size?.[1] ?? 0);
+  node.setSize([Math.ceil(width), Math.ceil(height)]);
+}
+// Columns left to right; nodes stacked top to bottom; the title bar sits above node.pos.
+let x = LEFT;
+for (const column of arg.columns) {
+  let y = TOP + TITLE, width = 0;
+  for (const key of column) {
+    const node = byKey[key];
+    if (!node) continue;
+    node.pos = [x, y];
+    y += node.size[1] + TITLE + GAP_Y;
+    width = Math.max(width, node.size[0]);
+  }
+  x += width + GAP_X;
+}
+// No two nodes may overlap (the box of a node includes its title bar).
+const nodes = app.graph.nodes;
+const box = (n) => [n.pos[0], n.pos[1] - TITLE, n.size[0], n.size[1] + TITLE];
+for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++) {
+  const [ax, ay, aw, ah] = box(nodes[i]), [bx, by, bw, bh] = box(nodes[j]);
+  if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) {
+    problems.push(`nodes ${nodes[i].title} and ${nodes[j].title} overlap`);
+  }
+}
+// Open the workflow showing all of it in a 1600x900 window (below the menu and tab bars).
+const boxes = nodes.map(box);
+const minX = Math.min(...boxes.map((r) => r[0])), minY = Math.min(...boxes.map((r) => r[1]));
+const maxX = Math.max(...boxes.map((r) => r[0] + r[2])), maxY = Math.max(...boxes.map((r) => r[1] + r[3]));
+// At least 0.65: below about 0.6 the front end draws nodes without their text.
+const fit = Math.floor(Math.min(1500 / (maxX - minX), 760 / (maxY - minY)) * 100) / 100;
+const scale = Math.max(0.65, Math.min(1, fit));
+const workflow = app.graph.serialize();
+const offset = [Math.round(70 / scale - minX), Math.round(90 / scale - minY)];
+workflow.extra = { ...workflow.extra, ds: { scale, offset } };
+return { workflow: JSON.parse(JSON.stringify(workflow)), problems, unlisted,
+         keys: Object.fromEntries(Object.entries(byKey).map(([k, n]) => [k, n.id])) };
+"""
+
+
+def build(browser, name: str) -> tuple[dict, list[dict]]:
+    spec = WORKFLOWS[name]()
+    arg = {
+        "nodes": [{"key": key, **node} for key, node in spec["nodes"].items()],
+        "columns": spec["columns"],
+        "links": [list(link) for link in spec["links"]],
+    }
+    placed = {key for column in spec["columns"] for key in column}
+    missing = set(spec["nodes"]) - placed
+    if missing:
+        raise SystemExit(f"{name}: nodes in no column: {sorted(missing)}")
+    result = browser.exec(BUILD_JS, arg=arg)
+    if result["problems"]:
+        raise SystemExit(f"{name}: " + "\n  ".join(result["problems"]))
+    workflow = result["workflow"]
+    workflow["id"] = str(uuid.uuid5(ID_NAMESPACE, name))
+    return workflow, result["unlisted"]
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
+    parser.add_argument("--only", action="append", choices=sorted(WORKFLOWS), help="just this workflow (repeatable)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder to write (default: example_workflows/)")
+    args = parser.parse_args(argv)
+
+    from browser_driver import Browser, check_prerequisites
+    from comfy_process import ComfyServer
+    from comfyui_runtime import find_comfyui
+
+    ok, reason = check_prerequisites()
+    if not ok:
+        print(f"cannot run the front end: {reason}", file=sys.stderr)
+        return 2
+    names = args.only or list(WORKFLOWS)
+    stale = []
+    with tempfile.TemporaryDirectory(prefix="personalize-examples-") as tmp:
+        server = ComfyServer(find_comfyui(), base_dir=Path(tmp) / "base", python=sys.executable)
+        with server:
+            browser = Browser(server.url, log_path=Path(tmp) / "drive.log")
+            try:
+                info = browser.open()
+                print(f"front end {info['frontendVersion']}, ComfyUI at {server.url}")
+                for name in names:
+                    workflow, unlisted = build(browser, name)
+                    text = dumps(workflow)
+                    target = args.out / f"{name}.json"
+                    files = ", ".join(f"{u['widget']}={u['value']}" for u in unlisted) or "none"
+                    if args.check:
+                        current = target.read_text(encoding="utf-8") if target.is_file() else ""
+                        if current != text:
+                            stale.append(name)
+                        print(f"{name}: {'up to date' if current == text else 'OUT OF DATE'}")
+                    else:
+                        args.out.mkdir(parents=True, exist_ok=True)
+                        target.write_text(text, encoding="utf-8")
+                        print(f"{name}: wrote {target} ({len(workflow['nodes'])} nodes, "
+                              f"{len(workflow['links'])} links; user files: {files})")
+                errors = browser.errors()["pageErrors"]
+                if errors:
+                    print(f"page errors: {errors}", file=sys.stderr)
+                    return 1
+            finally:
+                browser.close()
+    if stale:
+        print(f"out of date: {', '.join(stale)} (run {Path(__file__).name} to regenerate)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
