@@ -88,3 +88,13 @@ def sdxl_clip():
     paths = tiny_models.cached_sdxl_text_encoders(MODEL_CACHE)
     with torch.inference_mode():
         return tiny_models.load_sdxl_clip(paths, folder_paths.get_folder_paths("embeddings"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model():
+    """A small SDXL-shaped UNet (the detectable one is 2.6B parameters), built once per session."""
+    import tiny_models
+    import torch
+
+    with torch.inference_mode():  # as ComfyUI's loaders run: weights become inference tensors
+        return tiny_models.build_tiny_sdxl_model(seed=0)

@@ -397,17 +397,6 @@ def test_saving_midway_does_not_change_full_training(sd15, monkeypatch):
 # --------------------------------------------------------------------------- SDXL
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_model():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import tiny_models
-
-    with torch.inference_mode():  # as ComfyUI's loaders run: weights become inference tensors
-        return tiny_models.build_tiny_sdxl_model(seed=0)
-
-
 def test_sdxl_lora_with_pivotal_tuning(tiny_sdxl_model, sdxl_clip, sd15, embeddings_dir):
     import tiny_models
 

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 import uuid
-from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
-import nodes
 import pytest
 import safetensors.torch
 import torch
@@ -238,15 +235,6 @@ def test_sd2_path(sd2, embeddings_dir):
     raw = safetensors.torch.load_file(str(embeddings_dir / file_name))
     assert list(raw) == ["emb_params"] and raw["emb_params"].shape == (1, 1024)
     assert embedding.model_family == "SD2.x"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_model():
-    sys.path.insert(0, str(Path(__file__).parent))
-    import tiny_models
-
-    with torch.inference_mode():  # as ComfyUI's loaders run: weights become inference tensors
-        return tiny_models.build_tiny_sdxl_model(seed=0)
 
 
 def test_sdxl_path_trains_both_encoders(tiny_sdxl_model, sdxl_clip, sd15, embeddings_dir):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,54 +40,9 @@ CONFIGS = (("lora", False), ("lora", True), ("full", False), ("full", True))
 
 # --------------------------------------------------------------------------- memory
 
-
-def _status_mb(field: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb() -> float:
-    value = _status_mb("VmRSS")
-    if value is not None:
-        return value
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux): the training peak apart from the loading one."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_since_reset_mb() -> float:
-    value = _status_mb("VmHWM")
-    return value if value is not None else peak_rss_mb()
-
-
-def _snapshot(device: Any, label: str) -> dict[str, float]:
-    import torch
-
-    snap = {f"rss_{label}_mb": round(current_rss_mb(), 1), f"peak_rss_{label}_mb": round(peak_since_reset_mb(), 1)}
-    if device.type == "cuda":
-        snap[f"cuda_allocated_{label}_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
-        snap[f"cuda_peak_{label}_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return snap
+# The same measurements as the reference loops, so the two columns compare.
+sys.path.insert(0, str(BENCH_DIR))
+from reference_loops import _memory_snapshot as _snapshot, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 
 # --------------------------------------------------------------------------- ComfyUI, headless
