@@ -11,7 +11,7 @@ both terms in the model's own target space (ε or v; see ``training_math.predict
 
 Nothing the caller passed in is written to: LoRA and text-encoder changes are weight
 wrappers on clones, full fine-tuning trains a private float32 copy of the diffusion model
-(see ``comfy_adapter_dreambooth``), and the outputs are clones carrying the result as
+(see ``comfy_adapter``), and the outputs are clones carrying the result as
 patches, so other branches of the graph keep the original model.
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 
 from . import comfy_adapter
-from . import comfy_adapter_dreambooth as db_adapter
 from .embedding_file import EmbeddingFile
 from .lora_weights import LoraPair, WeightDelta, lora_file_tensors
 from .training_images import TrainingImageSet, group_into_buckets
@@ -215,20 +214,20 @@ def suggest_identifier(vocab: Mapping[str, int], seed: int = 0, count: int = 1, 
 
 def identifier_notes(identifier: str, clip: Any, seed: int) -> list[str]:
     """Warnings about a weak identifier, and rare-token alternatives."""
-    vocab = db_adapter.tokenizer_vocab(clip)
+    vocab = comfy_adapter.tokenizer_vocab(clip)
     size = max(vocab.values()) + 1
     notes = []
-    ids = db_adapter.prompt_token_ids(clip, identifier)
+    ids = comfy_adapter.prompt_token_ids(clip, identifier)
     if len(ids) > 3:
         notes.append(f"identifier '{identifier}' splits into {len(ids)} tokens: each token keeps its own meaning; 1-3 rare tokens work best")
     for word in identifier.split():
-        word_ids = db_adapter.prompt_token_ids(clip, word)
+        word_ids = comfy_adapter.prompt_token_ids(clip, word)
         if len(word_ids) == 1 and word_ids[0] < size * 0.2:
             notes.append(f"identifier word '{word}' is a common word (token #{word_ids[0]} of {size}): the model must unlearn its meaning; a rare token works better")
     if notes:
         for note in notes:
             log.warning("DreamBooth: %s", note)
-    accept = lambda w: db_adapter.single_token_everywhere(clip, w)  # noqa: E731
+    accept = lambda w: comfy_adapter.single_token_everywhere(clip, w)  # noqa: E731
     try:
         suggestions = [suggest_identifier(vocab, seed + i, 1, accept) for i in range(3)]
         notes.append("rare-token identifiers you could use: " + ", ".join(f"'{s}'" for s in suggestions))
@@ -274,9 +273,9 @@ def validate(settings: DreamBoothSettings, images: TrainingImageSet | None, mode
     if settings.prior_preservation and class_images is None:
         if settings.num_class_images < 1:
             raise ValueError("prior preservation needs at least 1 class image (num class images)")
-        if settings.class_sampler not in db_adapter.SAMPLER_NAMES:
+        if settings.class_sampler not in comfy_adapter.SAMPLER_NAMES:
             raise ValueError(f"unknown sampler '{settings.class_sampler}'")
-        if settings.class_scheduler not in db_adapter.SCHEDULER_NAMES:
+        if settings.class_scheduler not in comfy_adapter.SCHEDULER_NAMES:
             raise ValueError(f"unknown scheduler '{settings.class_scheduler}'")
         if settings.class_steps < 1:
             raise ValueError("class image steps must be at least 1")
@@ -302,9 +301,9 @@ def validate(settings: DreamBoothSettings, images: TrainingImageSet | None, mode
     embedding_schedule = _rate(settings.embedding_learning_rate, AUTO_EMBEDDING_LEARNING_RATE, "embedding learning rate")
     comfy_adapter.prediction_type(model)  # refuses families trained another way, with their name
     if settings.mode == "lora":
-        db_adapter.unet_lora_weights(model, settings.lora_targets)
+        comfy_adapter.unet_lora_weights(model, settings.lora_targets)
         if settings.train_text_encoder:
-            db_adapter.clip_lora_weights(clip)
+            comfy_adapter.clip_lora_weights(clip)
     if settings.pivotal_tuning:
         from .textual_inversion import model_family_of
 
@@ -313,10 +312,10 @@ def validate(settings: DreamBoothSettings, images: TrainingImageSet | None, mode
     if settings.save:
         name = output_name(settings, identifier)
         targets["lora" if settings.mode == "lora" else "checkpoint"] = (
-            db_adapter.lora_target(name) if settings.mode == "lora" else db_adapter.checkpoint_target(name)
+            comfy_adapter.lora_target(name) if settings.mode == "lora" else comfy_adapter.checkpoint_target(name)
         )
         if settings.pivotal_tuning:
-            targets["embedding"] = db_adapter.embedding_target(name)
+            targets["embedding"] = comfy_adapter.embedding_target(name)
         for path in targets.values():
             if path.exists() and not settings.overwrite:
                 raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another file name, or turn on overwrite")
@@ -329,7 +328,7 @@ def validate(settings: DreamBoothSettings, images: TrainingImageSet | None, mode
 
 def class_cache_key(model: Any, settings: DreamBoothSettings) -> tuple[str, dict[str, Any]]:
     description = {
-        "model": db_adapter.model_identity(model),
+        "model": comfy_adapter.model_identity(model),
         "family": comfy_adapter.model_family(model),
         "prompt": settings.class_prompt.strip(),
         "negative": "",
@@ -351,17 +350,17 @@ def class_cache_key(model: Any, settings: DreamBoothSettings) -> tuple[str, dict
 def class_latents(model: Any, clip: Any, settings: DreamBoothSettings, node_id: str | None = None) -> tuple[torch.Tensor, bool]:
     """Class images generated by the frozen model, as raw LATENT samples; (latents, from_cache)."""
     key, description = class_cache_key(model, settings)
-    cached = db_adapter.read_class_cache(key, settings.num_class_images)
+    cached = comfy_adapter.read_class_cache(key, settings.num_class_images)
     if cached is not None:
         log.info("DreamBooth: reusing %d cached class images for '%s'", cached.shape[0], settings.class_prompt)
         return cached, True
     log.info("DreamBooth: generating %d class images for '%s'", settings.num_class_images, settings.class_prompt)
-    latents = db_adapter.sample_latents(
+    latents = comfy_adapter.sample_latents(
         model, clip, settings.class_prompt.strip(), settings.num_class_images, settings.resolution, settings.resolution,
         settings.seed, settings.class_sampler, settings.class_scheduler, settings.class_steps, settings.class_cfg,
         chunk_size=CLASS_SAMPLE_CHUNK, node_id=node_id,
     )
-    db_adapter.write_class_cache(key, latents, description)
+    comfy_adapter.write_class_cache(key, latents, description)
     return latents, False
 
 
@@ -427,7 +426,7 @@ class DreamBoothTrainer:
         wrappers: dict[str, list] = {}
         if settings.mode == "lora":
             device = model.load_device
-            for key, shape in db_adapter.unet_lora_weights(model, settings.lora_targets).items():
+            for key, shape in comfy_adapter.unet_lora_weights(model, settings.lora_targets).items():
                 pair = LoraPair(shape, settings.lora_rank, settings.lora_alpha, device=device, generator=init)
                 self.unet_pairs[key] = pair
                 wrappers[key] = [pair]
@@ -437,12 +436,12 @@ class DreamBoothTrainer:
         self.route = None
         real = self.unet.patcher.model.diffusion_model
         if settings.mode == "full":
-            self.copy = db_adapter.trainable_module_copy(real, self.unet.device)
+            self.copy = comfy_adapter.trainable_module_copy(real, self.unet.device)
         if self.copy is not None or settings.gradient_checkpointing:
             target = self.copy if self.copy is not None else real
             if settings.gradient_checkpointing:
-                target = db_adapter.checkpointed_view(target)
-            self.route = db_adapter.route_diffusion_model(self.unet.patcher, target)
+                target = comfy_adapter.checkpointed_view(target)
+            self.route = comfy_adapter.route_diffusion_model(self.unet.patcher, target)
 
         # --- latents, cached once
         with torch.no_grad():
@@ -453,7 +452,7 @@ class DreamBoothTrainer:
                     class_set = TrainingImageSet.from_image_batch(class_pixels)
                     class_buckets = _encode_buckets(self.unet, vae, class_set, settings)
                 else:
-                    scaled = db_adapter.scaled_latents(self.unet.patcher, class_raw)
+                    scaled = comfy_adapter.scaled_latents(self.unet.patcher, class_raw)
                     class_buckets = [[(scaled[i], None) for i in range(scaled.shape[0])]]
                 self.klass = _Batches(class_buckets, settings.seed ^ _CLASS_STREAM, settings.batch_size, self.unet.device)
 
@@ -464,12 +463,12 @@ class DreamBoothTrainer:
         if settings.train_text_encoder:
             device = clip.patcher.load_device
             if settings.mode == "lora":
-                for key, shape in db_adapter.clip_lora_weights(clip).items():
+                for key, shape in comfy_adapter.clip_lora_weights(clip).items():
                     pair = LoraPair(shape, settings.lora_rank, settings.lora_alpha, device=device, generator=init)
                     self.clip_pairs[key] = pair
                     clip_wrappers[key] = [pair]
             else:
-                for key, shape in db_adapter.clip_weights(clip).items():
+                for key, shape in comfy_adapter.clip_weights(clip).items():
                     delta = WeightDelta(shape, device=device)
                     self.clip_deltas[key] = delta
                     clip_wrappers[key] = [delta]
@@ -480,7 +479,7 @@ class DreamBoothTrainer:
         self.text_trains = bool(clip_wrappers or self.vectors)
         self.encoder = None
         if self.text_trains:
-            self.encoder = db_adapter.TrainableClip(clip, clip_wrappers, plan.identifier if self.vectors else None, self.vectors or None)
+            self.encoder = comfy_adapter.TrainableClip(clip, clip_wrappers, plan.identifier if self.vectors else None, self.vectors or None)
         self.frozen_text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
             for prompt in self._prompts():
@@ -559,10 +558,10 @@ class DreamBoothTrainer:
     # ----------------------------------------------------------------------- results
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        names = db_adapter.unet_lora_names(self.model, self.unet_pairs)
+        names = comfy_adapter.unet_lora_names(self.model, self.unet_pairs)
         tensors = lora_file_tensors({names[k]: p for k, p in self.unet_pairs.items()})
         if self.clip_pairs:
-            clip_names = db_adapter.clip_lora_names(self.clip, self.clip_pairs)
+            clip_names = comfy_adapter.clip_lora_names(self.clip, self.clip_pairs)
             tensors.update(lora_file_tensors({clip_names[k]: p for k, p in self.clip_pairs.items()}))
         return tensors
 
@@ -575,11 +574,11 @@ class DreamBoothTrainer:
         """(MODEL, CLIP without bound words, LoRA tensors or None), all new objects."""
         if self.settings.mode == "lora":
             tensors = self.lora_tensors()
-            model, clip = db_adapter.apply_lora_tensors(self.model, self.clip if self.clip_pairs else None, tensors)
+            model, clip = comfy_adapter.apply_lora_tensors(self.model, self.clip if self.clip_pairs else None, tensors)
             return model, clip if clip is not None else self.clip, tensors
         self.unet.load()  # the shared weights as training started, before differences are taken
         with torch.no_grad():
-            model = db_adapter.model_with_diffs(self.model, db_adapter.diffs_from_copy(self.copy, self.unet.patcher))
+            model = comfy_adapter.model_with_diffs(self.model, comfy_adapter.diffs_from_copy(self.copy, self.unet.patcher))
             clip = self.clip
             if self.clip_deltas:
                 diffs = {}
@@ -588,7 +587,7 @@ class DreamBoothTrainer:
                         base = _clip_tensor(self.clip, key)
                         dtype = base.dtype if base.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
                         diffs[key] = delta.delta.detach().to(self.clip.patcher.offload_device, dtype)
-                clip = db_adapter.model_with_diffs(self.clip, diffs)
+                clip = comfy_adapter.model_with_diffs(self.clip, diffs)
         return model, clip, None
 
     def metadata(self, step: int) -> dict[str, str]:
@@ -666,10 +665,10 @@ def train_dreambooth(
             metadata = trainer.metadata(step)
             overwrite = settings.overwrite or bool(saved)
             if settings.mode == "lora":
-                saved["lora"] = db_adapter.save_lora_file(trainer.lora_tensors(), name, overwrite=overwrite, metadata=metadata)
+                saved["lora"] = comfy_adapter.save_lora_file(trainer.lora_tensors(), name, overwrite=overwrite, metadata=metadata)
             else:
                 out_model, out_clip, _ = trainer.outputs()
-                saved["checkpoint"] = db_adapter.save_checkpoint_file(out_model, out_clip, vae, name, overwrite=overwrite, metadata=metadata)
+                saved["checkpoint"] = comfy_adapter.save_checkpoint_file(out_model, out_clip, vae, name, overwrite=overwrite, metadata=metadata)
                 del out_model, out_clip
                 trainer.unet.load()  # saving loaded the tuned clone; training goes on with ours
             embedding = trainer.embedding()

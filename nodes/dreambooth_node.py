@@ -1,7 +1,7 @@
 """The "DreamBooth Fine-tune" node."""
 from __future__ import annotations
 
-from . import comfy_adapter_dreambooth as db_adapter
+from . import comfy_adapter
 from .dreambooth import DreamBoothSettings, train_dreambooth
 from .graph_types import CATEGORY, TRAINING_IMAGES
 from .loss_curve import draw_loss_curve
@@ -29,7 +29,7 @@ class DreamBoothFinetune:
                 "learning_rate": ("STRING", {"default": "auto", "tooltip": "auto: 5e-6 for full (the paper's SD rate), 1e-4 for LoRA. Or a number, or a schedule '1e-4:500, 5e-5' (rate:until step)."}),
                 "lora_rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "LoRA rank: capacity of the change per layer. 4-32 is usual. Ignored in full mode."}),
                 "lora_alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha: the change is scaled by alpha/rank. Set equal to the rank for scale 1. Ignored in full mode."}),
-                "lora_targets": (list(db_adapter.LORA_TARGET_CHOICES), {"default": "attention", "tooltip": "Which UNet layers get a LoRA: attention (q/k/v/out, as diffusers' DreamBooth LoRA), attention+mlp (also feed-forward and projections), all (every linear and conv layer)."}),
+                "lora_targets": (list(comfy_adapter.LORA_TARGET_CHOICES), {"default": "attention", "tooltip": "Which UNet layers get a LoRA: attention (q/k/v/out, as diffusers' DreamBooth LoRA), attention+mlp (also feed-forward and projections), all (every linear and conv layer)."}),
                 "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Tune the text encoder too (full: all its weights; LoRA: its attention and MLP layers, in the same LoRA file). Better subject fidelity, more memory, more drift."}),
                 "text_encoder_learning_rate": ("STRING", {"default": "auto", "tooltip": "Learning rate of the text encoder (auto: the UNet's). A number or a schedule."}),
                 "pivotal_tuning": ("BOOLEAN", {"default": False, "tooltip": "Also learn a new token vector for the identifier (started from the class word), saved to models/embeddings next to the model: use it as embedding:NAME."}),
@@ -41,8 +41,8 @@ class DreamBoothFinetune:
                 "resize_mode": (["crop", "resize", "pad"], {"default": "crop", "tooltip": "How images are brought to their bucket size: crop (cover, centre crop), resize (stretch) or pad (fit, white borders)."}),
                 "aspect_buckets": ("BOOLEAN", {"default": True, "tooltip": "Keep aspect ratios: group images into buckets of about resolution² pixels. Off: every image becomes a square."}),
                 "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror instance images left-right. Off for asymmetric subjects (text, logos)."}),
-                "class_sampler": (list(db_adapter.SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip": "Sampler for the class images (the paper used an ancestral sampler)."}),
-                "class_scheduler": (list(db_adapter.SCHEDULER_NAMES), {"default": "normal", "tooltip": "Scheduler for the class images."}),
+                "class_sampler": (list(comfy_adapter.SAMPLER_NAMES), {"default": "euler_ancestral", "tooltip": "Sampler for the class images (the paper used an ancestral sampler)."}),
+                "class_scheduler": (list(comfy_adapter.SCHEDULER_NAMES), {"default": "normal", "tooltip": "Scheduler for the class images."}),
                 "class_steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Sampling steps per class image."}),
                 "class_cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "CFG scale for the class images (negative prompt empty)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute activations in backward instead of keeping them: much less memory, about 30% slower. Only this training's copy is affected."}),
@@ -83,6 +83,6 @@ class DreamBoothFinetune:
         raw = {k: v for k, v in result.losses.raw.items() if k != "loss"}
         smoothed = {k: v for k, v in result.losses.smoothed.items() if k != "loss"}
         curve = draw_loss_curve(result.losses.steps, raw, smoothed, title=f"DreamBooth ({settings.get('mode', 'lora')}): {result.identifier}")
-        files = "\n".join(f"{_FOLDER_OF[kind]}/{db_adapter.name_in_folder(_FOLDER_OF[kind], path)}" for kind, path in result.saved.items())
+        files = "\n".join(f"{_FOLDER_OF[kind]}/{comfy_adapter.name_in_folder(_FOLDER_OF[kind], path)}" for kind, path in result.saved.items())
         return (result.model, result.clip, files, curve, "\n".join(result.notes))
 

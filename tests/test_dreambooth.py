@@ -25,7 +25,7 @@ from conftest import pack_module, run_node
 _ROOT = pack_module().__name__
 db = importlib.import_module(_ROOT + ".nodes.dreambooth")
 db_node = importlib.import_module(_ROOT + ".nodes.dreambooth_node")
-db_adapter = importlib.import_module(_ROOT + ".nodes.comfy_adapter_dreambooth")
+db_adapter = importlib.import_module(_ROOT + ".nodes.comfy_adapter")
 lora_weights = importlib.import_module(_ROOT + ".nodes.lora_weights")
 adapter = pack_module("nodes.comfy_adapter")
 ef = pack_module("nodes.embedding_file")
