@@ -235,17 +235,25 @@ def _saved_tensors_policy(clone_activations: bool) -> Iterator[None]:
     """
 
     def pack(tensor: torch.Tensor) -> Any:
+        base, view = tensor, None
         source = getattr(tensor, "_personalize_source", None)
+        if source is None and tensor._base is not None and tensor._base.is_contiguous():
+            # Linear layers save the transposed weight, a view of the tagged copy.
+            base = tensor._base
+            source = getattr(base, "_personalize_source", None)
+            view = (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
         if source is not None:
-            return (_RECAST, source[0], source[1], tensor.dtype, tensor.device)
+            return (_RECAST, source[0], source[1], base.dtype, base.device, view)
         if clone_activations and tensor.requires_grad:
             return tensor.clone()
         return tensor
 
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, tuple) and packed and packed[0] is _RECAST:
-            _, module, attr, dtype, device = packed
-            return getattr(module, attr).to(device=device, dtype=dtype, copy=True)
+            _, module, attr, dtype, device, view = packed
+            if view is None:
+                return getattr(module, attr).to(device=device, dtype=dtype, copy=True)
+            return getattr(module, attr).to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True).as_strided(*view)
         return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -284,6 +292,7 @@ class DiffusionModelForTraining:
 
     def __init__(self, model: Any, extra_wrappers: Mapping[str, list[Any]] | None = None):
         self.prediction = prediction_type(model)
+        self.autocast_dtype: torch.dtype | None = None  # None: the model's dtype
         self.family = model_family(model)
         self.patcher = model.clone()
         diffusion_model = self.patcher.model.diffusion_model
@@ -338,7 +347,7 @@ class DiffusionModelForTraining:
         return self.patcher.model.process_latent_in(vae.encode(pixels[..., :3])).to(torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.patcher.model.get_dtype()
+        dtype = self.autocast_dtype or self.patcher.model.get_dtype()
         if self.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
@@ -854,19 +863,24 @@ class TrainableClip(TrainableTextEncoder):
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
 
-def trainable_module_copy(root: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A copy of ``root`` with its own float32 trainable parameters on ``device``.
+def trainable_module_copy(root: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A copy of ``root`` with its own trainable parameters on ``device``.
 
     Only the tree structure is copied (module objects, their parameter/buffer/child dicts);
     code and config attributes are shared. ComfyUI's cast layers in the copy cast their
-    float32 weights to the input's dtype, as ComfyUI's inference does with stored weights.
+    weights to the input's dtype, as ComfyUI's inference does with stored weights; their
+    parameters are stored in ``dtype``, any other parameter in float32. When that cast
+    makes a copy (``dtype`` is not the compute dtype), the copy is tagged like a frozen
+    weight's, so autograd keeps a reference instead of a float32 copy of every weight
+    between forward and backward (see ``_saved_tensors_policy``).
     """
     modules: dict[int, torch.nn.Module] = {}
     params: dict[int, torch.nn.Parameter] = {}
 
-    def copy_param(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    def copy_param(p: torch.nn.Parameter, cast_layer: bool) -> torch.nn.Parameter:
         if id(p) not in params:
-            data = p.detach().to(device=device, dtype=torch.float32 if p.is_floating_point() else p.dtype, copy=True)
+            wanted = (dtype if cast_layer else torch.float32) if p.is_floating_point() else p.dtype
+            data = p.detach().to(device=device, dtype=wanted, copy=True)
             params[id(p)] = torch.nn.Parameter(data, requires_grad=p.is_floating_point())
         return params[id(p)]
 
@@ -875,15 +889,18 @@ def trainable_module_copy(root: torch.nn.Module, device: torch.device) -> torch.
             return modules[id(m)]
         new = copy.copy(m)
         modules[id(m)] = new
-        new._parameters = {n: None if p is None else copy_param(p) for n, p in m._parameters.items()}
+        cast_layer = hasattr(m, "weight_function")
+        new._parameters = {n: None if p is None else copy_param(p, cast_layer) for n, p in m._parameters.items()}
         new._buffers = {n: None if b is None else b.detach().to(device).clone() for n, b in m._buffers.items()}
         new._modules = {n: None if c is None else copy_module(c) for n, c in m._modules.items()}
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             if hasattr(m, hooks):
                 setattr(new, hooks, copy.copy(getattr(m, hooks)))
-        if hasattr(m, "weight_function"):
-            new.weight_function = []
-            new.bias_function = []
+        if cast_layer:
+            # On the CPU ComfyUI computes in float32, so float32 weights are used as they are.
+            tag = dtype != torch.float32 or torch.device(device).type != "cpu"
+            new.weight_function = [_FreshWeight(new, "weight")] if tag and new._parameters.get("weight") is not None else []
+            new.bias_function = [_FreshWeight(new, "bias")] if tag and new._parameters.get("bias") is not None else []
             new.comfy_cast_weights = True
         return new
 

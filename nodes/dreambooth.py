@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 
-from . import comfy_adapter
+from . import comfy_adapter, optimizers
 from .embedding_file import EmbeddingFile
 from .lora_weights import LoraPair, WeightDelta, lora_file_tensors
 from .training_images import TrainingImageSet, group_into_buckets
@@ -78,11 +78,15 @@ class DreamBoothSettings:
     flip: bool = False
     gradient_checkpointing: bool = False
     optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW"
+    full_bf16: bool = True
+    fused_backward: bool = True
     max_grad_norm: float = 1.0
     save_every: int = 0
     file_name: str = ""
     overwrite: bool = False
     save: bool = True
+    preview_every: int = 0  # render a preview with the model being trained every N steps (0: off)
+    preview_prompt: str = ""  # empty: the instance prompt; {} is replaced by the identifier
 
 
 @dataclass
@@ -289,6 +293,8 @@ def validate(settings: DreamBoothSettings, images: TrainingImageSet | None, mode
         raise ValueError(f"resolution must be a multiple of 64 (got {settings.resolution})")
     if settings.save_every < 0:
         raise ValueError("save every must be 0 (only at the end) or a number of steps")
+    if settings.preview_every < 0:
+        raise ValueError(f"preview every must be 0 (off) or a number of steps (got {settings.preview_every})")
     if settings.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
     if settings.optimizer == "AdamW8bit":
@@ -435,8 +441,12 @@ class DreamBoothTrainer:
         self.copy: torch.nn.Module | None = None
         self.route = None
         real = self.unet.patcher.model.diffusion_model
+        cuda_fp16 = self.unet.device.type == "cuda" and self.unet.patcher.model.get_dtype() == torch.float16
+        self.bf16, self.fused, self.notes = memory_plan(settings, cuda_fp16)
         if settings.mode == "full":
-            self.copy = comfy_adapter.trainable_module_copy(real, self.unet.device)
+            self.copy = comfy_adapter.trainable_module_copy(real, self.unet.device, torch.bfloat16 if self.bf16 else torch.float32)
+            if self.bf16:
+                self.unet.autocast_dtype = torch.bfloat16  # on CUDA: bf16 compute needs no loss scaling
         if self.copy is not None or settings.gradient_checkpointing:
             target = self.copy if self.copy is not None else real
             if settings.gradient_checkpointing:
@@ -498,8 +508,9 @@ class DreamBoothTrainer:
         if self.vectors:
             groups.append({"params": list(self.vectors.values()), "lr": plan.embedding_schedule.rate(1), "name": "embedding", "weight_decay": 0.0})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = _make_optimizer(settings.optimizer, groups, WEIGHT_DECAY[settings.mode])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.unet.device.type == "cuda" and self.unet.patcher.model.get_dtype() == torch.float16)
+        self.optimizer = _make_optimizer(settings.optimizer, groups, WEIGHT_DECAY[settings.mode], own=self.bf16 or self.fused, seed=settings.seed)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_fp16 and not self.bf16)
+        self.fused_step = optimizers.FusedBackwardStep(self.optimizer, settings.max_grad_norm) if self.fused else None
 
     def _prompts(self) -> list[str]:
         prompts = [self.settings.instance_prompt.strip()]
@@ -512,6 +523,16 @@ class DreamBoothTrainer:
             return self.frozen_text[prompt]
         with self.unet.autocast():
             return self.encoder.encode([prompt], getattr(self.unet, "needs_pooled", True))
+
+    def preview_models(self) -> tuple[Any, Any]:
+        """(MODEL, CLIP) that draw what the training has learned so far, for a live preview.
+
+        No copies: the training clone itself (LoRA mode: its LoRA weight wrappers; full
+        mode: its wrapper routing the forward to the trained copy) and the training CLIP
+        when the text side trains (its LoRA or deltas, the identifier's pivotal vectors),
+        else the input CLIP. Sample them under inference mode, then ``self.unet.load()``.
+        """
+        return self.unet.patcher, self.encoder.clip if self.encoder is not None else self.clip
 
     def losses(self, instance: tuple[torch.Tensor, ...], klass: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(instance loss, prior loss) of given batches: each paired with its own prompt."""
@@ -529,6 +550,8 @@ class DreamBoothTrainer:
         rates = {"unet": self.plan.schedule, "text_encoder": self.plan.text_schedule, "embedding": self.plan.embedding_schedule}
         for group in self.optimizer.param_groups:
             group["lr"] = rates[group["name"]].rate(step)
+        if self.fused_step is not None:
+            return self._fused_step()
         accumulated = {"instance": 0.0, "prior": 0.0}
         for _ in range(s.gradient_accumulation):
             # Instance and class halves run (and free their activations) one after the
@@ -541,19 +564,49 @@ class DreamBoothTrainer:
                 prior_loss = diffusion_loss(self.unet, *self.klass.draw(), cond, pooled)
                 self.scaler.scale(s.prior_loss_weight * prior_loss / s.gradient_accumulation).backward()
                 accumulated["prior"] += prior_loss.item() / s.gradient_accumulation
-            if self.route is not None and self.route.calls == 0:
-                raise RuntimeError(f"this {self.unet.family} diffusion model does not run through ComfyUI's diffusion-model wrappers: "
-                                   "full fine-tuning and gradient checkpointing are not available for it; use LoRA without checkpointing")
+            self._check_route()
         if s.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": accumulated["instance"] + s.prior_loss_weight * accumulated["prior"], "instance": accumulated["instance"]}
+        return self._losses_out(accumulated["instance"], accumulated["prior"])
+
+    def _fused_step(self) -> dict[str, float]:
+        """Both halves in one backward, which updates each weight as its gradient completes."""
+        s = self.settings
+        instance_loss, _ = self.losses(self.instance.draw())
+        total, prior = instance_loss, 0.0
         if self.klass is not None:
-            out["prior"] = accumulated["prior"]
+            cond, pooled = self.text(s.class_prompt.strip())
+            prior_loss = diffusion_loss(self.unet, *self.klass.draw(), cond, pooled)
+            total = instance_loss + s.prior_loss_weight * prior_loss
+            prior = prior_loss.item()
+        done = self.fused_step.steps
+        total.backward()
+        self._check_route()
+        if self.fused_step.steps == done:
+            raise RuntimeError("the fused optimizer step updated nothing: no trainable weight received a gradient")
+        return self._losses_out(instance_loss.item(), prior)
+
+    def _check_route(self) -> None:
+        if self.route is not None and self.route.calls == 0:
+            raise RuntimeError(f"this {self.unet.family} diffusion model does not run through ComfyUI's diffusion-model wrappers: "
+                               "full fine-tuning and gradient checkpointing are not available for it; use LoRA without checkpointing")
+
+    def _losses_out(self, instance: float, prior: float) -> dict[str, float]:
+        out = {"loss": instance + self.settings.prior_loss_weight * prior, "instance": instance}
+        if self.klass is not None:
+            out["prior"] = prior
         return out
+
+    def end_training(self) -> None:
+        """Drop what only further steps need (optimizer state, hooks), before the final outputs."""
+        if self.fused_step is not None:
+            self.fused_step.remove()
+            self.fused_step = None
+        self.optimizer.state.clear()
 
     # ----------------------------------------------------------------------- results
 
@@ -613,9 +666,24 @@ def _clip_tensor(clip: Any, key: str) -> torch.Tensor:
     return getattr(clip.cond_stage_model.get_submodule(module_name), attr)
 
 
-def _make_optimizer(kind: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+def memory_plan(settings: DreamBoothSettings, cuda_fp16: bool) -> tuple[bool, bool, list[str]]:
+    """(bfloat16 trained copy, fused backward step, notes) for these settings."""
+    if settings.mode != "full" or not (settings.full_bf16 or settings.fused_backward):
+        return False, False, []
+    if settings.optimizer != "AdamW":
+        return False, False, [f"full_bf16 and fused_backward work with the AdamW optimizer; {settings.optimizer} trains a float32 copy with whole-model steps"]
+    if settings.fused_backward and settings.gradient_accumulation > 1:
+        return settings.full_bf16, False, ["fused_backward needs gradient accumulation 1: whole-model gradients are kept"]
+    if settings.fused_backward and cuda_fp16 and not settings.full_bf16:
+        return False, False, ["fused_backward on a float16 model needs full_bf16 (the fused step has no loss scaling): whole-model gradients are kept"]
+    return settings.full_bf16, settings.fused_backward, []
+
+
+def _make_optimizer(kind: str, groups: list[dict], weight_decay: float, own: bool = False, seed: int = 0) -> torch.optim.Optimizer:
     for group in groups:
         group.setdefault("weight_decay", weight_decay)
+    if own:
+        return optimizers.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, seed=seed)
     if kind == "AdamW8bit":
         import bitsandbytes
 
@@ -654,12 +722,15 @@ def train_dreambooth(
 
     with torch.inference_mode(False), torch.enable_grad():
         trainer = DreamBoothTrainer(model, clip, vae, images, settings, plan, class_raw=class_raw, class_pixels=class_images)
+        for note in trainer.notes:
+            log.info("DreamBooth: %s", note)
+        notes.extend(trainer.notes)
         tracker = LossTracker()
         progress = comfy_adapter.ProgressReporter(settings.steps, node_id, "dreambooth")
         saved: dict[str, Path] = {}
         name = output_name(settings, identifier)
 
-        def save(step: int) -> None:
+        def save(step: int, outputs: tuple[Any, Any, Any] | None = None) -> None:
             if not settings.save:
                 return
             metadata = trainer.metadata(step)
@@ -667,16 +738,28 @@ def train_dreambooth(
             if settings.mode == "lora":
                 saved["lora"] = comfy_adapter.save_lora_file(trainer.lora_tensors(), name, overwrite=overwrite, metadata=metadata)
             else:
-                out_model, out_clip, _ = trainer.outputs()
+                out_model, out_clip, _ = outputs or trainer.outputs()
                 saved["checkpoint"] = comfy_adapter.save_checkpoint_file(out_model, out_clip, vae, name, overwrite=overwrite, metadata=metadata)
                 del out_model, out_clip
-                trainer.unet.load()  # saving loaded the tuned clone; training goes on with ours
+                if outputs is None:
+                    trainer.unet.load()  # saving loaded the tuned clone; training goes on with ours
             embedding = trainer.embedding()
             if embedding is not None:
                 saved["embedding"] = comfy_adapter.save_embedding_file(
                     embedding, name, overwrite=overwrite, base_model=trainer.unet.family, steps=step,
                     training_settings={"method": "dreambooth-pivotal", "identifier": identifier},
                 )
+
+        # The preview prompt: empty means the instance prompt; {} stands for the identifier.
+        preview_prompt = (settings.preview_prompt.strip() or settings.instance_prompt.strip()).replace("{}", identifier)
+
+        def preview() -> tuple[str, Any, int]:
+            """What the model being trained draws now (no copies; nothing it trains is touched)."""
+            preview_model, preview_clip = trainer.preview_models()
+            image = comfy_adapter.render_preview(preview_model, preview_clip, vae, preview_prompt, settings.seed,
+                                                 settings.resolution, settings.resolution)
+            trainer.unet.load()  # sampling and decoding may have swapped our clone out; training goes on with it
+            return comfy_adapter.preview_payload(image)
 
         done = 0
         try:
@@ -685,14 +768,18 @@ def train_dreambooth(
                 losses = trainer.step(done)
                 tracker.add(done, losses)
                 smooth = {k: tracker.smoothed[k][-1] for k in losses}
-                progress.update(done, losses, smooth)
+                image = None
+                if settings.preview_every and (done % settings.preview_every == 0 or done == settings.steps):
+                    image = preview()
+                progress.update(done, losses, smooth, preview=image)
                 if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
                     save(done)
         except comfy_adapter.Cancelled:
             progress.finish(done - 1, "cancelled")
             raise
-        save(settings.steps)
+        trainer.end_training()  # the optimizer state goes before the final outputs are built
         out_model, out_clip, lora = trainer.outputs()
+        save(settings.steps, (out_model, out_clip, lora))
         embedding = trainer.embedding()
         if embedding is not None:
             out_clip = comfy_adapter.bind_trigger_words(out_clip, {identifier: embedding.vectors})

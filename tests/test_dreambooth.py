@@ -394,6 +394,104 @@ def test_saving_midway_does_not_change_full_training(sd15, monkeypatch):
         assert torch.equal(patches[key], expected[key]), key
 
 
+# --------------------------------------------------------------------------- live preview
+
+
+class _RecordPreviews:
+    """Wraps comfy_adapter.render_preview: records (model, clip, prompt, image) per call.
+
+    It samples 2 steps instead of 20: the same sampler, conditioning and VAE decode, at a
+    tenth of the CPU time.
+    """
+
+    def __init__(self, monkeypatch, steps: int = 2):
+        self.calls = []
+        self.steps = steps
+        self.original = original = db_adapter.render_preview
+
+        def recording(model, clip, vae, prompt, *args, **kwargs):
+            image = original(model, clip, vae, prompt, *args, **{**kwargs, "steps": steps})
+            self.calls.append((model, clip, prompt, image))
+            return image
+
+        monkeypatch.setattr(db_adapter, "render_preview", recording)
+
+    def render(self, model, clip, vae, prompt: str, seed: int) -> torch.Tensor:
+        """A render as the previews are made, as int16 pixels."""
+        with torch.inference_mode():
+            return _pixels(self.original(model, clip, vae, prompt, seed, 64, 64, steps=self.steps))
+
+
+def _pixels(image) -> torch.Tensor:
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).to(torch.int16)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_previews_sample_the_model_in_training_without_changing_the_training(sd15, mode, monkeypatch):
+    """A preview every step samples the training's own clone (and training CLIP), and the run
+    trains exactly as without previews: same losses, same result, bit for bit."""
+    model, clip, vae = sd15["model"], sd15["clip"], sd15["vae"]
+    images = TrainingImageSet.from_image_batch(_images())
+    # LoRA: text-encoder LoRA and pivotal tuning too (the preview CLIP is the training one);
+    # full: the forward is routed to the trained copy. Class images given: no class sampling.
+    common = dict(mode=mode, steps=3, seed=51, prior_preservation=True, learning_rate="2e-3" if mode == "lora" else "1e-4",
+                  train_text_encoder=mode == "lora", pivotal_tuning=mode == "lora")
+    class_images = _images(2, seed=9)
+    with torch.inference_mode():
+        plain = db.train_dreambooth(model, clip, vae, images, _settings(**common), class_images=class_images)
+    previews = _RecordPreviews(monkeypatch)
+    with torch.inference_mode():
+        previewed = db.train_dreambooth(model, clip, vae, images, _settings(preview_every=1, **common), class_images=class_images)
+
+    assert len(previews.calls) == 3
+    for preview_model, preview_clip, prompt, image in previews.calls:
+        assert prompt == "a photo of sks dog", "empty preview prompt: the instance prompt"
+        assert preview_model is not model and preview_model.is_clone(model), "the training clone, not the input MODEL"
+        assert (preview_clip is not clip) == (mode == "lora"), "the training CLIP exactly when the text side trains"
+        assert image.size == (64, 64)
+    assert previewed.losses.raw == plain.losses.raw
+    assert set(previewed.losses.raw) == {"loss", "instance", "prior"} and len(plain.losses.raw["loss"]) == 3
+    if mode == "lora":
+        assert previewed.lora.keys() == plain.lora.keys()
+        for key in plain.lora:
+            assert torch.equal(previewed.lora[key], plain.lora[key]), key
+        for key in plain.embedding.vectors:
+            assert torch.equal(previewed.embedding.vectors[key], plain.embedding.vectors[key]), key
+    else:
+        patches = {k: v[-1][1][1][0] for k, v in previewed.model.patches.items()}
+        expected = {k: v[-1][1][1][0] for k, v in plain.model.patches.items()}
+        assert patches.keys() == expected.keys() and patches
+        for key in expected:
+            assert torch.equal(patches[key], expected[key]), key
+    # The last preview is what the output MODEL and CLIP draw (up to the rounding of the tuned
+    # weights to their storage dtype), and not what the untrained model draws.
+    last = _pixels(previews.calls[-1][3])
+    tuned = previews.render(previewed.model, previewed.clip, vae, "a photo of sks dog", 51)
+    untrained = previews.render(model, clip, vae, "a photo of sks dog", 51)
+    assert (last - tuned).abs().max() <= 2
+    assert (last - untrained).abs().float().mean() > 5
+
+
+def test_preview_reaches_comfyuis_progress_hook(sd15, monkeypatch):
+    """Previews go through ComfyUI's progress-bar hook, as the server shows them on the node;
+    {} in the preview prompt is the identifier."""
+    seen = []
+    previews = _RecordPreviews(monkeypatch)
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total, preview, node_id)))
+    try:
+        run_dreambooth(**_inputs(sd15, steps=3, prior_preservation=False, unique_id="23", preview_every=2,
+                                 preview_prompt="a watercolor painting of {} dog", save_every=0))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    ours = [s for s in seen if s[3] == "23"]
+    assert [s[0] for s in ours][:3] == [1, 2, 3] and all(s[1] == 3 for s in ours)
+    shown = [(s[0], s[2]) for s in ours if s[2] is not None]
+    assert [step for step, _ in shown] == [2, 3], "every 2 steps, and at the end"
+    for _, (kind, image, max_size) in shown:
+        assert kind == "JPEG" and image.size == (64, 64) and max_size == 512
+    assert [prompt for _, _, prompt, _ in previews.calls] == ["a watercolor painting of sks dog"] * 2
+
+
 # --------------------------------------------------------------------------- SDXL
 
 
@@ -552,6 +650,7 @@ def test_cancel_keeps_the_last_save(sd15, monkeypatch):
         ({"lora_rank": 0}, "rank must be at least 1"),
         ({"learning_rate": "fast"}, "not a number"),
         ({"resolution": 100}, "multiple of 64"),
+        ({"preview_every": -1}, "preview every must be 0"),
         ({"file_name": "../escape"}, "leave the models folder"),
     ],
 )

@@ -111,6 +111,24 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "adm_in_channels": None,
 }
 
+# The real SD1.5 UNet (~860M params): four levels of two res blocks, cross-attention
+# on the first three, exactly comfy.model_detection's hard-coded "SD15" config (less its
+# dtype and num_heads, which comfy.supported_models.SD15.unet_extra_config adds).  Used
+# by the benchmarks so memory figures are not dominated by fixed process costs; the
+# output side of a level has num_res_blocks + 1 blocks, hence 12 output depths.
+SD15_FULL_UNET_CONFIG: dict[str, Any] = {
+    **_UNET_COMMON,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+    "model_channels": 320,
+    "context_dim": 768,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+}
+
 SD2_UNET_CONFIG: dict[str, Any] = {
     **_UNET_COMMON,
     **_ONE_LEVEL,
@@ -371,6 +389,20 @@ def build_sd15_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> path
                              SD15_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
 
 
+def build_sd15_full_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
+    """Like :func:`build_sd15_checkpoint` but with the full-size SD1.5 UNet
+    (:data:`SD15_FULL_UNET_CONFIG`, ~860M params; ~2 GB on disk), for benchmarks.
+
+    The fp32 UNet is ~3.4 GB; :func:`_to_storage` drops each fp32 tensor as it
+    casts it, so the build peaks at roughly the fp32 models (~4.5 GB) plus the
+    fp16 copies made so far, not at twice the model.
+    """
+    import comfy.supported_models
+
+    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD15,
+                             SD15_FULL_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
+
+
 def build_sd2_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
     """Write an SD2.x-detectable checkpoint (``comfy.supported_models.SD20``, EPS).
 
@@ -475,6 +507,8 @@ _KIND_CONFIGS: dict[str, Any] = {
     "sd15": {"unet": SD15_UNET_CONFIG, "vae": SD_VAE_DDCONFIG, "clip": "clip_l"},
     "sd2": {"unet": SD2_UNET_CONFIG, "vae": SD_VAE_DDCONFIG, "clip": "clip_h"},
     "sdxl_te": {"clip": ["clip_l", "clip_g"]},
+    # Not tiny: the real SD1.5 UNet, for benchmarks (the test-suite never builds it).
+    "sd15-full": {"unet": SD15_FULL_UNET_CONFIG, "vae": SD_VAE_DDCONFIG, "clip": "clip_l"},
 }
 
 CACHE_KINDS = tuple(_KIND_CONFIGS)
@@ -491,7 +525,8 @@ def _cache_name(kind: str, seed: int) -> str:
 def cached_checkpoint(kind: str, cache_dir: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
     """Build a model file once per cache dir and reuse it afterwards.
 
-    ``kind`` is ``"sd15"`` or ``"sd2"`` (returns the ``.safetensors`` file) or
+    ``kind`` is ``"sd15"``, ``"sd2"`` or ``"sd15-full"`` (the full-size SD1.5
+    UNet; returns the ``.safetensors`` file) or
     ``"sdxl_te"`` (returns a directory holding ``clip_l.safetensors`` and
     ``clip_g.safetensors``; see :func:`cached_sdxl_text_encoders`).  Builds go
     to a temporary name and are renamed into place, so an interrupted run or
@@ -525,7 +560,8 @@ def cached_checkpoint(kind: str, cache_dir: Union[str, pathlib.Path], seed: int 
     final = cache_dir / f"{name}.safetensors"
     if final.is_file():
         return final
-    builder = build_sd15_checkpoint if kind == "sd15" else build_sd2_checkpoint
+    builder = {"sd15": build_sd15_checkpoint, "sd2": build_sd2_checkpoint,
+               "sd15-full": build_sd15_full_checkpoint}[kind]
     # The builders already write to a temporary name and os.replace it.
     return builder(final, seed=seed)
 

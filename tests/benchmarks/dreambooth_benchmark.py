@@ -1,6 +1,7 @@
 """Our side of the DreamBooth benchmark: seconds per step and peak RSS of the training core.
 
-The tiny SD1.5 checkpoint of ``tests/tiny_models.py`` is loaded by ComfyUI itself (headless, the
+An SD1.5 checkpoint of ``tests/tiny_models.py`` (the tiny one-level UNet, or with
+``--unet sd15-full`` the real ~860M-param SD1.5 UNet, random weights) is loaded by ComfyUI itself (headless, the
 pack loaded as a custom node by ``tests/comfyui_runtime.py``,
 ``comfy.sd.load_checkpoint_guess_config`` under ``torch.inference_mode()``, as the executor
 loads it) and ``DreamBoothTrainer.step`` of ``nodes/dreambooth.py`` runs N timed steps after
@@ -11,6 +12,11 @@ fresh process and prints one JSON line::
     python tests/benchmarks/dreambooth_benchmark.py --one --mode lora --prior on --steps 5
     python tests/benchmarks/dreambooth_benchmark.py --compare         # side by side with the
                                                                       # diffusers reference loops
+    python tests/benchmarks/dreambooth_benchmark.py --compare --unet sd15-full --mode full --prior off \
+        --steps 2 --no-full-bf16 --no-fused-backward                  # full-size UNet, float32 path
+
+Full mode runs the pack's defaults (``full_bf16`` and ``fused_backward`` on) unless
+``--no-full-bf16`` / ``--no-fused-backward`` ask for the float32 path.
 
 What a step includes differs from the reference loops by design: the pack VAE-encodes the
 images once and encodes frozen prompts once, the reference examples do both every step.
@@ -43,6 +49,7 @@ CONFIGS = (("lora", False), ("lora", True), ("full", False), ("full", True))
 # The same measurements as the reference loops, so the two columns compare.
 sys.path.insert(0, str(BENCH_DIR))
 from reference_loops import _memory_snapshot as _snapshot, peak_rss_mb, reset_peak_rss  # noqa: E402
+from reference_loops import UNET_CONFIGS, detect_unet  # noqa: E402
 
 
 # --------------------------------------------------------------------------- ComfyUI, headless
@@ -68,7 +75,8 @@ def pack_module(name: str) -> types.ModuleType:
 
 
 def run_one(mode: str, prior: bool, *, steps: int, warmup: int, resolution: int, batch_size: int, seed: int,
-            device: str, gradient_checkpointing: bool, checkpoint: Optional[Path] = None) -> dict[str, Any]:
+            device: str, gradient_checkpointing: bool, checkpoint: Optional[Path] = None, unet: Optional[str] = None,
+            full_bf16: bool = True, fused_backward: bool = True) -> dict[str, Any]:
     start_comfyui(cpu=device == "cpu")
     import torch
 
@@ -78,11 +86,16 @@ def run_one(mode: str, prior: bool, *, steps: int, warmup: int, resolution: int,
 
     db = pack_module("nodes.dreambooth")
     images_mod = pack_module("nodes.training_images")
-    path = checkpoint or tiny_models.cached_checkpoint("sd15", MODEL_CACHE)
+    path = checkpoint or tiny_models.cached_checkpoint(UNET_CONFIGS[unet or "tiny"][0], MODEL_CACHE)
+    if unet is None:
+        try:
+            unet = detect_unet(path)
+        except ValueError:
+            unet = "other"
     torch_device = comfy.model_management.get_torch_device()
     result: dict[str, Any] = {
         "impl": "comfyui-personalize", "method": f"dreambooth_{mode}", "mode": mode, "prior_preservation": prior,
-        "checkpoint": str(path), "resolution": resolution, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup,
+        "checkpoint": str(path), "unet": unet, "full_bf16": full_bf16, "fused_backward": fused_backward, "resolution": resolution, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup,
         "seed": seed, "device": str(torch_device), "gradient_checkpointing": gradient_checkpointing,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_start": list(os.getloadavg()),
     }
@@ -103,6 +116,7 @@ def run_one(mode: str, prior: bool, *, steps: int, warmup: int, resolution: int,
         mode=mode, prior_preservation=prior, num_class_images=max(4, batch_size), steps=warmup + steps, resolution=resolution,
         batch_size=batch_size, seed=seed, gradient_checkpointing=gradient_checkpointing, save=False, bucketing=False,
         lora_rank=4, lora_alpha=4.0,  # the reference's DreamBooth LoRA rank (diffusers' default)
+        full_bf16=full_bf16, fused_backward=fused_backward,  # full mode only; LoRA ignores them
     )
     class_raw = None
     if prior:  # stand-ins for generated class images: a step costs the same with any latents
@@ -115,6 +129,11 @@ def run_one(mode: str, prior: bool, *, steps: int, warmup: int, resolution: int,
             result["setup_s"] = round(time.perf_counter() - began, 3)
             result.update(_snapshot(torch_device, "after_setup"))
             result["trainable_params"] = sum(p.numel() for p in trainer.params)
+            # What the trainer's memory plan made of the two settings (off in LoRA mode, or
+            # when the optimiser / accumulation rule them out; its notes say why).
+            result["ran_full_bf16"] = bool(getattr(trainer, "bf16", False))
+            result["ran_fused_backward"] = bool(getattr(trainer, "fused", False))
+            result["memory_notes"] = list(getattr(trainer, "notes", []) or [])
             times, cpu_times, losses = [], [], []
             for step in range(1, warmup + steps + 1):
                 if torch_device.type == "cuda":
@@ -155,7 +174,28 @@ def one_command(mode: str, prior: bool, args: argparse.Namespace) -> list[str]:
         cmd.append("--gradient-checkpointing")
     if args.checkpoint is not None:
         cmd += ["--checkpoint", str(args.checkpoint)]
+    if args.unet is not None:
+        cmd += ["--unet", args.unet]
+    if args.no_full_bf16:
+        cmd.append("--no-full-bf16")
+    if args.no_fused_backward:
+        cmd.append("--no-fused-backward")
     return cmd
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> None:
+    """Set ``args.checkpoint`` to the cached checkpoint for ``--unet`` (building it in a
+    process of its own on first use), so no measured process pays for, or has its peak
+    RSS raised by, building the file, and both sides train the same one."""
+    if args.checkpoint is not None:
+        return
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import reference_loops; "
+            "print(reference_loops.default_checkpoint(unet=sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), args.unet or "tiny"],
+                          capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"building the {args.unet or 'tiny'} checkpoint failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    args.checkpoint = Path(proc.stdout.strip().splitlines()[-1])
 
 
 def run_subprocess(cmd: list[str], timeout: Optional[float]) -> dict[str, Any]:
@@ -182,6 +222,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     sys.path.insert(0, str(BENCH_DIR))
     import reference_loops
 
+    resolve_checkpoint(args)
     rows = []
     for mode, prior in _configs(args):
         ours = run_subprocess(one_command(mode, prior, args), args.timeout)
@@ -189,11 +230,25 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         reference = reference_loops.run_reference_subprocess(
             "db", timeout=args.timeout, resolution=args.resolution, steps=args.steps, mode=mode, prior=prior,
             batch_size=args.batch_size, seed=args.seed, device=args.device, warmup=args.warmup,
-            checkpoint=args.checkpoint, gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint=args.checkpoint, gradient_checkpointing=args.gradient_checkpointing, unet=args.unet,
         )
         print(json.dumps(reference), flush=True)
         rows.append({"mode": mode, "prior": prior, "ours": ours, "reference": reference})
     return rows
+
+
+def _config_label(mode: str, prior: bool, ours: dict[str, Any]) -> str:
+    """e.g. ``full, sd15-full, full_bf16 on, fused_backward off``; the two settings only
+    exist in full mode, and where the trainer ran otherwise the label says so."""
+    parts = [f"{mode}{' + prior' if prior else ''}", str(ours.get("unet", "?"))]
+    if mode == "full":
+        onoff = {True: "on", False: "off"}
+        asked = (ours.get("full_bf16", True), ours.get("fused_backward", True))
+        parts += [f"full_bf16 {onoff[asked[0]]}", f"fused_backward {onoff[asked[1]]}"]
+        ran = (ours.get("ran_full_bf16"), ours.get("ran_fused_backward"))
+        if None not in ran and ran != asked:
+            parts.append(f"(ran: full_bf16 {onoff[ran[0]]}, fused_backward {onoff[ran[1]]})")
+    return ", ".join(parts)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -203,7 +258,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         ours, ref = row["ours"], row["reference"]
         ratio = ours["s_per_step"] / ref["s_per_step"] if ref.get("s_per_step") else float("nan")
-        config = f"{row['mode']}{' + prior' if row['prior'] else ''}"
+        config = _config_label(row["mode"], row["prior"], ours)
         lines.append(" | ".join([
             config, f"{ours['s_per_step']:.3f}", f"{ref['s_per_step']:.3f}", f"{ratio:.2f}",
             f"{ours.get('cpu_s_per_step', float('nan')):.3f}", f"{ref.get('cpu_s_per_step', float('nan')):.3f}",
@@ -226,7 +281,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="an SD1.x .safetensors (default: the tiny test checkpoint)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="an SD1.x .safetensors (default: the cached checkpoint for --unet)")
+    parser.add_argument("--unet", choices=tuple(UNET_CONFIGS), default=None,
+                        help="'tiny' (the tests' one-level UNet, the default) or 'sd15-full' (the real ~860M-param SD1.5 "
+                             "UNet, random weights, built and cached on first use); with --checkpoint, detected from the file")
+    parser.add_argument("--no-full-bf16", action="store_true", help="full mode: train a float32 copy (DreamBoothSettings.full_bf16=False)")
+    parser.add_argument("--no-fused-backward", action="store_true",
+                        help="full mode: whole-model gradients and optimiser step (DreamBoothSettings.fused_backward=False)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per process")
     args = parser.parse_args(argv)
 
@@ -235,13 +296,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--one runs one configuration: --mode lora|full and --prior on|off")
         result = run_one(args.mode, args.prior == "on", steps=args.steps, warmup=args.warmup, resolution=args.resolution,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
-                         gradient_checkpointing=args.gradient_checkpointing, checkpoint=args.checkpoint)
+                         gradient_checkpointing=args.gradient_checkpointing, checkpoint=args.checkpoint, unet=args.unet,
+                         full_bf16=not args.no_full_bf16, fused_backward=not args.no_fused_backward)
         print(json.dumps(result), flush=True)
         return 0
     if args.compare:
         rows = compare(args)
         print(format_table(rows), flush=True)
         return 0
+    resolve_checkpoint(args)
     for mode, prior in _configs(args):
         print(json.dumps(run_subprocess(one_command(mode, prior, args), args.timeout)), flush=True)
     return 0

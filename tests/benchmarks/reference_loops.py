@@ -8,7 +8,8 @@ but without accelerate, data loaders, logging or checkpointing, none of which th
 per-step figures include either.
 
 Both halves must run on the *same* weights, so :func:`load_diffusers_modules` converts the
-tiny LDM-layout checkpoint of ``tests/tiny_models.py`` into diffusers/transformers modules,
+LDM-layout checkpoints of ``tests/tiny_models.py`` (the tiny one-level UNet, or with
+``--unet sd15-full`` the real ~860M-param SD1.5 UNet) into diffusers/transformers modules,
 and :func:`check_equivalence` proves the conversion against ComfyUI's own loading of that
 file (text encoder output, UNet eps, VAE latents; fp32 on the CPU).
 
@@ -77,6 +78,25 @@ UNET_CONFIG: dict[str, Any] = {
     "freq_shift": 0,
     "upcast_attention": False,
 }
+
+# The real SD1.5 UNet (tests/tiny_models.py's SD15_FULL_UNET_CONFIG, "sd15-full"):
+# diffusers' UNet2DConditionModel defaults are SD1.5's except cross_attention_dim (1280
+# there), spelt out here so a change of defaults cannot change the model.
+SD15_FULL_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+}
+
+# --unet names -> (tests/tiny_models.py cache kind, diffusers config).
+UNET_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": ("sd15", UNET_CONFIG),
+    "sd15-full": ("sd15-full", SD15_FULL_UNET_CONFIG),
+}
+# Resolution levels (LDM channel_mult length) -> --unet name, for detecting it from a file.
+_UNET_BY_LEVELS = {1: "tiny", 4: "sd15-full"}
 
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
@@ -229,8 +249,9 @@ def _ensure_comfyui(cpu: bool = True) -> None:
     comfy.cli_args.args.cpu = cpu
 
 
-def default_checkpoint(seed: int = 0) -> Path:
-    """The tiny SD1.5 checkpoint the pack's tests use, built on first use."""
+def default_checkpoint(seed: int = 0, unet: str = "tiny") -> Path:
+    """The tiny SD1.5 checkpoint the pack's tests use (``unet="tiny"``) or the one with
+    the full-size SD1.5 UNet (``unet="sd15-full"``), built on first use."""
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
     import tiny_models
@@ -238,7 +259,7 @@ def default_checkpoint(seed: int = 0) -> Path:
     # tiny_models imports ComfyUI lazily and only when it has to build the file, so
     # a cache hit keeps ComfyUI out of the training process.
     _ensure_comfyui(cpu=True)
-    return tiny_models.cached_checkpoint("sd15", MODEL_CACHE, seed=seed)
+    return tiny_models.cached_checkpoint(UNET_CONFIGS[unet][0], MODEL_CACHE, seed=seed)
 
 
 # --------------------------------------------------------------------------------------
@@ -271,9 +292,37 @@ def _load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], w
                            f"unexpected={list(result.unexpected_keys)[:10]}")
 
 
+def detect_unet(checkpoint_path: PathLike) -> str:
+    """The :data:`UNET_CONFIGS` name for an LDM SD1.x file, from its keys alone: the
+    number of resolution levels is one more than the number of downsamplers
+    (``input_blocks.N.0.op``).  The strict load then checks every key and shape."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint_path), framework="pt", device="cpu") as f:
+        keys = [k for k in f.keys() if k.startswith(_UNET_PREFIX + "input_blocks.")]
+    if not keys:
+        raise KeyError(f"{checkpoint_path}: no {_UNET_PREFIX}input_blocks.* keys; not an LDM SD1.x checkpoint?")
+    levels = 1 + sum(1 for k in keys if k.endswith(".0.op.weight"))
+    if levels not in _UNET_BY_LEVELS:
+        known = ", ".join(f"{name} ({n} levels)" for n, name in _UNET_BY_LEVELS.items())
+        raise ValueError(f"{checkpoint_path}: a {levels}-level UNet; known: {known}")
+    return _UNET_BY_LEVELS[levels]
+
+
+def _unet_config(unet: Union[None, str, dict[str, Any]], checkpoint_path: PathLike) -> dict[str, Any]:
+    if isinstance(unet, dict):
+        return unet
+    return UNET_CONFIGS[unet or detect_unet(checkpoint_path)][1]
+
+
 def load_diffusers_modules(checkpoint_path: PathLike, device: Union[str, torch.device] = "cpu",
-                           dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any, Any, Any]:
+                           dtype: torch.dtype = torch.float32,
+                           unet_config: Union[None, str, dict[str, Any]] = None,
+                           ) -> tuple[Any, Any, Any, Any, Any]:
     """``(unet, text_encoder, tokenizer, vae, noise_scheduler)`` holding the checkpoint's weights.
+
+    ``unet_config`` is a :data:`UNET_CONFIGS` name (``"tiny"``, ``"sd15-full"``), a
+    ``UNet2DConditionModel`` config dict, or None to pick the name with :func:`detect_unet`.
 
     Keys are converted with diffusers' own single-file helpers
     (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
@@ -290,7 +339,7 @@ def load_diffusers_modules(checkpoint_path: PathLike, device: Union[str, torch.d
 
     device = torch.device(device)
 
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**_unet_config(unet_config, checkpoint_path))
     sd = convert_ldm_unet_checkpoint(_read_prefixed(checkpoint_path, _UNET_PREFIX), dict(unet.config))
     _load_strict(unet, sd, "unet")
     del sd
@@ -483,11 +532,12 @@ def _finish_result(result: dict[str, Any], times: list[float], cpu_times: list[f
     return result
 
 
-def _load_for_training(checkpoint_path: PathLike, device: torch.device, result: dict[str, Any]
-                       ) -> tuple[Any, Any, Any, Any, Any]:
+def _load_for_training(checkpoint_path: PathLike, device: torch.device, result: dict[str, Any],
+                       unet_config: Optional[str] = None) -> tuple[Any, Any, Any, Any, Any]:
+    result["unet"] = unet_config or detect_unet(checkpoint_path)
     result.update(_memory_snapshot(device, "before_load"))
     start = time.perf_counter()
-    modules = load_diffusers_modules(checkpoint_path, device=device)
+    modules = load_diffusers_modules(checkpoint_path, device=device, unet_config=result["unet"])
     result["load_s"] = round(time.perf_counter() - start, 3)
     result.update(_memory_snapshot(device, "after_load"))
     # Start the set-up + training peak from the loaded state; the loading transient
@@ -554,6 +604,7 @@ def run_textual_inversion_reference(
     warmup: int = 1,
     learning_rate: float = TI_LR,
     gradient_checkpointing: bool = False,
+    unet_config: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time ``steps`` TI steps after ``warmup`` untimed ones; figures as a flat dict.
 
@@ -576,7 +627,7 @@ def run_textual_inversion_reference(
     result = _base_result("textual_inversion", checkpoint_path, resolution, steps, warmup,
                           batch_size, seed, device)
     result.update({"learning_rate": learning_rate, "gradient_checkpointing": gradient_checkpointing})
-    unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result)
+    unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
 
     if tokenizer.add_tokens(TI_PLACEHOLDER) != 1:
         raise ValueError(f"tokenizer already contains {TI_PLACEHOLDER!r}")
@@ -743,11 +794,13 @@ def run_dreambooth_reference(
     learning_rate: Optional[float] = None,
     lora_rank: int = DB_LORA_RANK,
     gradient_checkpointing: bool = False,
+    unet_config: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time ``steps`` DreamBooth steps after ``warmup`` untimed ones.
 
     ``batch_size`` counts instance images; with prior preservation the UNet sees twice
-    as many.  ``learning_rate`` defaults to 5e-6 (full) / 5e-4 (LoRA).  Same memory keys
+    as many.  ``learning_rate`` defaults to 5e-6 (full) / 5e-4 (LoRA).  ``unet_config``
+    names the UNet (:data:`UNET_CONFIGS`; None: detected from the file).  Same memory keys
     as :func:`run_textual_inversion_reference`.
     """
     from diffusers.optimization import get_scheduler
@@ -761,7 +814,7 @@ def run_dreambooth_reference(
                           batch_size, seed, device)
     result.update({"mode": mode, "prior_preservation": prior_preservation, "learning_rate": lr,
                    "gradient_checkpointing": gradient_checkpointing})
-    unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result)
+    unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -812,8 +865,12 @@ def reference_command(method: Literal["ti", "db", "check"], *, resolution: int =
                       mode: Literal["full", "lora"] = "full", prior: bool = False, batch_size: int = 1,
                       seed: int = 0, device: str = "cpu", warmup: int = 1,
                       checkpoint: Optional[PathLike] = None, gradient_checkpointing: bool = False,
-                      python: str = sys.executable) -> list[str]:
-    """argv for one measurement in a fresh interpreter (peak RSS is per process)."""
+                      unet: Optional[str] = None, python: str = sys.executable) -> list[str]:
+    """argv for one measurement in a fresh interpreter (peak RSS is per process).
+
+    ``unet`` (a :data:`UNET_CONFIGS` name) picks the diffusers UNet config and, without
+    ``checkpoint``, the cached checkpoint; None: the tiny checkpoint, or the UNet
+    detected from ``checkpoint``."""
     cmd = [python, str(Path(__file__).resolve()), f"--{method}"]
     if method != "check":
         cmd += ["--resolution", str(resolution), "--steps", str(steps), "--batch-size", str(batch_size),
@@ -824,6 +881,8 @@ def reference_command(method: Literal["ti", "db", "check"], *, resolution: int =
             cmd.append("--gradient-checkpointing")
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
+    if unet is not None:
+        cmd += ["--unet", unet]
     return cmd
 
 
@@ -849,7 +908,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     what.add_argument("--ti", action="store_true", help="textual inversion reference loop")
     what.add_argument("--db", action="store_true", help="DreamBooth reference loop")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="LDM SD1.x .safetensors (default: the cached tiny test checkpoint)")
+                        help="LDM SD1.x .safetensors (default: the cached checkpoint for --unet)")
+    parser.add_argument("--unet", choices=tuple(UNET_CONFIGS), default=None,
+                        help="UNet architecture: 'tiny' (one level, the tests' checkpoint) or 'sd15-full' "
+                             "(the real ~860M-param SD1.5 UNet); default: detected from --checkpoint, else tiny")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -861,19 +923,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
 
-    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint(unet=args.unet or "tiny")
     start = time.perf_counter()
     if args.check:
         result: dict[str, Any] = check_equivalence(checkpoint, seed=args.seed)
     elif args.ti:
         result = run_textual_inversion_reference(
             checkpoint, args.resolution, args.steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing)
+            device=args.device, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
+            unet_config=args.unet)
     else:
         result = run_dreambooth_reference(
             checkpoint, args.resolution, args.steps, mode=args.mode, prior_preservation=args.prior,
             batch_size=args.batch_size, seed=args.seed, device=args.device, warmup=args.warmup,
-            gradient_checkpointing=args.gradient_checkpointing)
+            gradient_checkpointing=args.gradient_checkpointing, unet_config=args.unet)
     result["run_s"] = round(time.perf_counter() - start, 2)
     print(json.dumps(result), flush=True)
     return 0

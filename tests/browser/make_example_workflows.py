@@ -144,6 +144,8 @@ in *"a photo of sks dog"*. Prior preservation also trains on images the original
      and cached in `models/personalize_cache` for later runs.
    - `steps` 800, `learning_rate` auto (5e-6), `resolution` 512.
    - Full fine-tuning needs a lot of memory: turn on `gradient_checkpointing`, or use `AdamW8bit`.
+   - `preview_every` 100: the node shows what the model draws for `preview_prompt` (empty: the
+     instance prompt) as it trains; 0 turns the previews off (each is a 20-step render).
 4. **Queue**.
 
 **You get**
@@ -171,6 +173,8 @@ Much less memory and disk than a full fine-tune.
      class noun. Prior preservation generates `num_class_images` class images once (cached).
    - `lora_rank` / `lora_alpha` 16 (4-32 is usual), `steps` 800, `learning_rate` auto (1e-4).
    - `train_text_encoder` adds the text encoder's layers to the LoRA (more fidelity, more drift).
+   - `preview_every` 100: a preview of the LoRA and vector in training, with `preview_prompt`
+     (empty: the instance prompt; `{{}}` stands for the identifier, e.g. `a watercolor painting of {{}} dog`).
 4. **Queue**.
 
 **You get**
@@ -289,20 +293,21 @@ def _dreambooth(note: str, note_height: int, settings: dict, prompt: str, prefix
 
 def dreambooth_prior_preservation() -> dict:
     return _dreambooth(
-        DREAMBOOTH_PRIOR_NOTE, 560,
+        DREAMBOOTH_PRIOR_NOTE, 600,
         {"mode": "full", "prior_preservation": True, "num_class_images": 100, "prior_loss_weight": 1.0,
          "steps": 800, "learning_rate": "auto", "train_text_encoder": False, "pivotal_tuning": False,
-         "resolution": 512, "class_steps": 30},
+         "resolution": 512, "class_steps": 30, "preview_every": 100, "preview_prompt": ""},
         "a photo of sks dog in a bucket", "dreambooth/sks-dog",
     )
 
 
 def dreambooth_lora_pivotal() -> dict:
     return _dreambooth(
-        DREAMBOOTH_LORA_NOTE, 560,
+        DREAMBOOTH_LORA_NOTE, 600,
         {"mode": "lora", "prior_preservation": True, "num_class_images": 100, "steps": 800, "learning_rate": "auto",
          "lora_rank": 16, "lora_alpha": 16.0, "lora_targets": "attention", "train_text_encoder": False,
-         "pivotal_tuning": True, "embedding_learning_rate": "auto", "resolution": 512},
+         "pivotal_tuning": True, "embedding_learning_rate": "auto", "resolution": 512, "preview_every": 100,
+         "preview_prompt": ""},
         "a watercolor painting of sks dog", "dreambooth/sks-dog-lora",
     )
 

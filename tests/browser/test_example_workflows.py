@@ -36,7 +36,7 @@ def tiny_settings(checkpoint: str) -> dict[str, dict]:
         "PersonalizeTrainTextualInversion": {"resolution": 64, "steps": 2, "preview_every": 0, "save_every": 0},
         "PersonalizeDreamBoothFinetune": {
             "resolution": 64, "steps": 2, "num_class_images": 2, "class_steps": 2, "lora_rank": 2, "lora_alpha": 2.0,
-            "save_every": 0,
+            "save_every": 0, "preview_every": 0,
         },
         "KSampler": {"steps": 2},
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},

@@ -1,0 +1,169 @@
+"""Optimizers for memory-lean full fine-tuning, in plain torch (no ComfyUI import).
+
+Full fine-tuning with float32 AdamW holds four copies of the model beside the one being
+served: weights, gradients and two moment estimates. Two standard ways down, both here:
+
+- ``AdamW`` keeps a bfloat16 parameter's weights *and* moments in bfloat16. The update is
+  computed in float32 and written back with stochastic rounding: an update far below
+  bfloat16's resolution (lr 5e-6 on a weight of 0.05 is 2 % of one step of the format)
+  lands with the matching probability instead of never, so the weights follow the float32
+  trajectory in expectation. float32 parameters are updated exactly as ``torch.optim.AdamW``
+  does.
+- ``FusedBackwardStep`` steps each parameter from a post-accumulate-grad hook, the moment
+  its gradient is complete in backward, and frees that gradient: no whole-model gradient
+  ever exists. Clipping can then only see one tensor at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+_LOW_HALF = -65536  # int32 mask 0xFFFF0000: keeps the bits a bfloat16 has
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Write float32 ``value`` into bfloat16 ``target``, rounding up with probability equal to
+    the fraction of a bfloat16 step that ``value`` lies above the lower neighbour.
+
+    Works on the bit pattern: random low 16 bits are added to the float32 pattern and then
+    cut off. Floats are sign-magnitude, so this is unbiased for negative values as well.
+    ``value`` (a contiguous float32 tensor) is used as scratch space and overwritten.
+    """
+    if target.dtype != torch.bfloat16:
+        target.copy_(value)
+        return target
+    if value.dtype != torch.float32 or not value.is_contiguous():
+        raise ValueError("stochastic rounding needs a contiguous float32 value")
+    bits = value.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator))
+    bits.bitwise_and_(_LOW_HALF)
+    target.copy_(value)  # exact: the low bits are zero
+    return target
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) that can step one parameter at a time.
+
+    Moments are kept in the parameter's dtype. bfloat16 parameters are updated in float32
+    and stochastically rounded back (see the module docstring); float32 ones follow
+    ``torch.optim.AdamW``'s single-tensor arithmetic.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, seed: int = 0):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._group_of: dict[int, dict[str, Any]] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        if id(param) not in self._group_of:
+            self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        return self._group_of[id(param)]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self.step_parameter(param, group)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> None:
+        """One AdamW update of ``param`` from its ``.grad``."""
+        group = group if group is not None else self.group_of(param)
+        if param.grad is None:
+            return
+        if param.grad.is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = state["step"]
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(x.is_contiguous() for x in tensors):
+            # Elementwise, so in slices: float32 temporaries stay a few MB for any layer size.
+            flat = [x.view(-1) for x in tensors]
+            pieces = [[x[i : i + _CHUNK] for x in flat] for i in range(0, param.numel(), _CHUNK)]
+        else:
+            pieces = [list(tensors)]
+        generator = self._generator(param.device) if param.dtype == torch.bfloat16 else None
+        for weight, grad, exp_avg, exp_avg_sq in pieces:
+            _adamw_update(weight, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt, generator)
+
+
+_CHUNK = 1 << 20
+
+
+def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float, beta1: float,
+                  beta2: float, eps: float, decay: float, bias_correction1: float, bias_correction2_sqrt: float,
+                  generator: torch.Generator | None) -> None:
+    """torch.optim.AdamW's single-tensor arithmetic; bfloat16 tensors go through float32."""
+    low = param.dtype == torch.bfloat16
+    weight = param.to(torch.float32).contiguous() if low else param
+    avg = exp_avg.to(torch.float32).contiguous() if exp_avg.dtype == torch.bfloat16 else exp_avg
+    avg_sq = exp_avg_sq.to(torch.float32).contiguous() if exp_avg_sq.dtype == torch.bfloat16 else exp_avg_sq
+    grad = grad.to(torch.float32) if grad.dtype != weight.dtype else grad
+
+    weight.mul_(1 - lr * decay)
+    avg.lerp_(grad, 1 - beta1)
+    avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    weight.addcdiv_(avg, denom, value=-lr / bias_correction1)
+
+    for target, value in ((param, weight), (exp_avg, avg), (exp_avg_sq, avg_sq)):
+        if target.dtype == torch.bfloat16:
+            stochastic_round_(target, value, generator)
+
+
+class FusedBackwardStep:
+    """Step each parameter as soon as backward has finished its gradient, then free it.
+
+    Only for one backward per optimizer step (no gradient accumulation): the hook fires
+    once per ``backward()`` call, after every use of the parameter in that graph.
+    ``max_grad_norm`` > 0 clips each gradient tensor on its own (the whole-model norm
+    is never available).
+    """
+
+    def __init__(self, optimizer: AdamW, max_grad_norm: float = 0.0):
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+        self._handles = [
+            param.register_post_accumulate_grad_hook(self._hook)
+            for group in optimizer.param_groups
+            for param in group["params"]
+        ]
+
+    def _hook(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+        self.optimizer.step_parameter(param)
+        self.steps += 1
+        param.grad = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
