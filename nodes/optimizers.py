@@ -22,13 +22,16 @@ import torch
 _LOW_HALF = -65536  # int32 mask 0xFFFF0000: keeps the bits a bfloat16 has
 
 
-def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None = None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """Write float32 ``value`` into bfloat16 ``target``, rounding up with probability equal to
     the fraction of a bfloat16 step that ``value`` lies above the lower neighbour.
 
     Works on the bit pattern: random low 16 bits are added to the float32 pattern and then
     cut off. Floats are sign-magnitude, so this is unbiased for negative values as well.
     ``value`` (a contiguous float32 tensor) is used as scratch space and overwritten.
+    ``noise``: int32 values uniform in [0, 2**16) shaped like ``value``; drawn from
+    ``generator`` when not given.
     """
     if target.dtype != torch.bfloat16:
         target.copy_(value)
@@ -36,7 +39,9 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torc
     if value.dtype != torch.float32 or not value.is_contiguous():
         raise ValueError("stochastic rounding needs a contiguous float32 value")
     bits = value.view(torch.int32)
-    bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator))
+    if noise is None:
+        noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    bits.add_(noise.view(bits.shape))
     bits.bitwise_and_(_LOW_HALF)
     target.copy_(value)  # exact: the low bits are zero
     return target
@@ -57,12 +62,18 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._noise: dict[torch.device, list] = {}
         self._group_of: dict[int, dict[str, Any]] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
+
+    def _rounding_noise(self, device: torch.device) -> "RoundingNoise":
+        if device not in self._noise:
+            self._noise[device] = RoundingNoise(self._generator(device))
+        return self._noise[device]
 
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         if id(param) not in self._group_of:
@@ -106,17 +117,44 @@ class AdamW(torch.optim.Optimizer):
             pieces = [[x[i : i + _CHUNK] for x in flat] for i in range(0, param.numel(), _CHUNK)]
         else:
             pieces = [list(tensors)]
-        generator = self._generator(param.device) if param.dtype == torch.bfloat16 else None
+        noise = self._rounding_noise(param.device) if param.dtype == torch.bfloat16 else None
         for weight, grad, exp_avg, exp_avg_sq in pieces:
-            _adamw_update(weight, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt, generator)
+            _adamw_update(weight, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt, noise)
 
 
 _CHUNK = 1 << 20
 
 
+class RoundingNoise:
+    """Uniform 16-bit noise for stochastic rounding, cheaply.
+
+    Drawing fresh random numbers for every element costs more than the whole AdamW update
+    on the CPU (torch's CPU generator is serial). Each rounding instead takes a slice at a
+    random offset of a buffer of ``2 * _CHUNK`` draws, redrawn after ``reuse`` slices:
+    every element still gets uniform noise (rounding stays unbiased); only elements of
+    different slices may share draws, which does not bias either of them.
+    """
+
+    def __init__(self, generator: torch.Generator, reuse: int = 256):
+        self.generator = generator
+        self.reuse = reuse
+        self.buffer: torch.Tensor | None = None
+        self.used = 0
+
+    def take(self, count: int) -> torch.Tensor:
+        if count > _CHUNK:
+            return torch.randint(0, 1 << 16, (count,), dtype=torch.int32, device=self.generator.device, generator=self.generator)
+        if self.buffer is None or self.used >= self.reuse:
+            self.buffer = torch.randint(0, 1 << 16, (2 * _CHUNK,), dtype=torch.int32, device=self.generator.device, generator=self.generator)
+            self.used = 0
+        self.used += 1
+        start = int(torch.randint(0, _CHUNK + 1, (1,), generator=self.generator))
+        return self.buffer[start : start + count]
+
+
 def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float, beta1: float,
                   beta2: float, eps: float, decay: float, bias_correction1: float, bias_correction2_sqrt: float,
-                  generator: torch.Generator | None) -> None:
+                  noise: RoundingNoise | None) -> None:
     """torch.optim.AdamW's single-tensor arithmetic; bfloat16 tensors go through float32."""
     low = param.dtype == torch.bfloat16
     weight = param.to(torch.float32).contiguous() if low else param
@@ -132,7 +170,7 @@ def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
     for target, value in ((param, weight), (exp_avg, avg), (exp_avg_sq, avg_sq)):
         if target.dtype == torch.bfloat16:
-            stochastic_round_(target, value, generator)
+            stochastic_round_(target, value, noise=noise.take(value.numel()))
 
 
 class FusedBackwardStep:

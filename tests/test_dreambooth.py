@@ -394,6 +394,71 @@ def test_saving_midway_does_not_change_full_training(sd15, monkeypatch):
         assert torch.equal(patches[key], expected[key]), key
 
 
+# --------------------------------------------------------------------------- memory-lean full mode
+
+
+def _trainer(sd15, **overrides):
+    images = TrainingImageSet.from_image_batch(_images())
+    settings = _settings(mode="full", learning_rate="1e-4", **overrides)
+    plan = db.validate(settings, images, sd15["model"], sd15["clip"], None)
+    class_raw = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) if settings.prior_preservation else None
+    return db.DreamBoothTrainer(sd15["model"], sd15["clip"], sd15["vae"], images, settings, plan, class_raw=class_raw)
+
+
+def test_full_bf16_trains_a_bfloat16_copy_whose_updates_land(sd15):
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer = _trainer(sd15, steps=2, seed=5)
+        assert trainer.bf16 and trainer.fused and trainer.notes == []
+        layers = [m for m in trainer.copy.modules() if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None]
+        assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+        before = {n: p.detach().clone() for n, p in trainer.copy.named_parameters()}
+        losses = [trainer.step(1)["loss"], trainer.step(2)["loss"]]
+        changed = [n for n, p in trainer.copy.named_parameters() if not torch.equal(p.detach(), before[n])]
+        states = trainer.optimizer.state
+        assert all(p.grad is None for p in trainer.params), "the fused step freed every gradient"
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # lr 1e-4 is below bfloat16's resolution for most weights: without stochastic rounding few would move.
+    assert len(changed) > 0.9 * len(before), f"{len(changed)} of {len(before)} weights changed"
+    assert {s["exp_avg"].dtype for s in states.values()} == {torch.bfloat16}
+    assert {s["step"] for s in states.values()} == {2}, "every weight updated once per step"
+
+
+def test_fused_step_equals_the_usual_step_in_float32(sd15):
+    """fp32, no clipping: updating inside backward gives the weights a separate step gives."""
+    results = []
+    for fused in (False, True):
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer = _trainer(sd15, steps=2, seed=6, full_bf16=False, fused_backward=fused, max_grad_norm=0.0,
+                               prior_preservation=True, num_class_images=2)
+            assert trainer.fused == fused and not trainer.bf16
+            losses = [trainer.step(1), trainer.step(2)]
+            results.append((losses, {n: p.detach().clone() for n, p in trainer.copy.named_parameters()}))
+    (plain_losses, plain), (fused_losses, fused_weights) = results
+    assert plain_losses[0] == fused_losses[0], "the first step's losses come before any update"
+    assert fused_losses[1]["prior"] == pytest.approx(plain_losses[1]["prior"], rel=1e-5)
+    moved = [n for n in plain if not torch.equal(plain[n], _trainer_start(sd15, n))]
+    assert moved
+    for name in plain:
+        torch.testing.assert_close(fused_weights[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def _trainer_start(sd15, name: str) -> torch.Tensor:
+    return sd15["model"].model.diffusion_model.get_parameter(name).detach().to(torch.float32)
+
+
+@pytest.mark.parametrize("overrides, note", [
+    ({"gradient_accumulation": 2}, "fused_backward needs gradient accumulation 1"),
+    ({"optimizer": "AdamW8bit"}, "work with the AdamW optimizer"),
+])
+def test_lean_settings_that_cannot_apply_fall_back_with_a_note(overrides, note):
+    settings = _settings(mode="full", **overrides)
+    bf16, fused, notes = db.memory_plan(settings, cuda_fp16=False)
+    assert not fused and any(note in n for n in notes)
+    assert db.memory_plan(_settings(mode="lora"), cuda_fp16=False) == (False, False, [])
+    assert db.memory_plan(_settings(mode="full", full_bf16=False), cuda_fp16=True) == (False, False, [
+        "fused_backward on a float16 model needs full_bf16 (the fused step has no loss scaling): whole-model gradients are kept"])
+
+
 # --------------------------------------------------------------------------- live preview
 
 

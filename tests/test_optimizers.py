@@ -96,12 +96,12 @@ def test_bfloat16_adamw_follows_float32_where_plain_bfloat16_stalls():
 
 def test_bfloat16_states_stay_bfloat16():
     param = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    optimizer = optimizers.AdamW([param], lr=1e-3)
+    optimizer = optimizers.AdamW([param], lr=0.1)  # a step far above bfloat16's resolution
     param.grad = torch.ones_like(param)
     optimizer.step()
     assert {t.dtype for t in (optimizer.state[param]["exp_avg"], optimizer.state[param]["exp_avg_sq"])} == {torch.bfloat16}
     assert optimizer.state[param]["step"] == 1
-    assert param.dtype == torch.bfloat16 and float(param.detach()[0]) < 1.0
+    assert param.dtype == torch.bfloat16 and bool((param.detach() < 0.95).all())
 
 
 def test_fused_backward_step_equals_step_after_backward_and_frees_gradients():

@@ -72,6 +72,15 @@ function sig3(v) {
   if (v === 0) return "0";
   return String(parseFloat(v.toPrecision(3)));
 }
+// Tick labels with as many significant digits as it takes to tell them apart (3 to 7):
+// a loss that moves in its fourth digit must not label every grid line "0.1".
+function tickLabels(values) {
+  let labels = values.map(sig3);
+  for (let digits = 4; digits <= 7 && new Set(labels).size < labels.length; digits++) {
+    labels = values.map((v) => (v === 0 ? "0" : String(parseFloat(v.toPrecision(digits)))));
+  }
+  return labels;
+}
 function clock(seconds) {
   if (seconds === null || !Number.isFinite(seconds) || seconds < 0) return "–";
   const s = Math.round(seconds);
@@ -535,15 +544,17 @@ function drawChart(state, cssW, cssH) {
   ctx.fillStyle = axisColor;
   ctx.textAlign = "right";
   const ticks = plotH > 60 ? 3 : 2;
-  for (let i = 0; i < ticks; i++) {
-    const t = hi - ((hi - lo) * (i + 0.5)) / ticks;
+  const tickAt = Array.from({ length: ticks }, (_, i) => hi - ((hi - lo) * (i + 0.5)) / ticks);
+  const labels = tickLabels(tickAt.map(unY));
+  canvas.dataset.yLabels = labels.join("|");
+  tickAt.forEach((t, i) => {
     const py = Math.round(top + (1 - (t - lo) / (hi - lo)) * plotH) + 0.5;
     ctx.beginPath();
     ctx.moveTo(left, py);
     ctx.lineTo(left + plotW, py);
     ctx.stroke();
-    ctx.fillText(sig3(unY(t)), left - 4, py);
-  }
+    ctx.fillText(labels[i], left - 4, py);
+  });
   ctx.beginPath();
   ctx.moveTo(left + 0.5, top);
   ctx.lineTo(left + 0.5, top + plotH + 0.5);

@@ -74,6 +74,7 @@ WIDGET_STATE = """
   return {
     className: el.className, data: { ...el.dataset }, text: el.innerText,
     points: canvas?.dataset.points ?? null, series: canvas?.dataset.series ?? null,
+    yLabels: canvas?.dataset.yLabels ?? null,
     displayed: el.isConnected && getComputedStyle(el).display !== "none" && r.width > 0,
     inked, serializeFlag: w.serialize, optionsSerialize: w.options?.serialize,
     elRect: [r.left, r.top, r.right, r.bottom],
@@ -448,3 +449,23 @@ def test_widgets_added_after_ours_keep_their_saved_values(browser, workflow_load
     saved, without, reloaded = values
     assert saved == without == [512, 512, 1, 3]
     assert reloaded == [512, 512, 1, 3]
+
+
+def test_axis_labels_stay_distinct_on_a_narrow_loss_range(browser, workflow_loaded):
+    """A loss that only moves in its fourth digit still gets one label per grid line."""
+    errors_before = len(page_errors(browser))
+    points = [[s, round(0.10012 + 0.00004 * math.sin(s), 6)] for s in range(1, 41)]
+    message = {"node": "5", "kind": "textual_inversion", "status": "running", "step": 40, "total": 40,
+               "loss": points[-1][1], "loss_smoothed": points[-1][1], "elapsed_s": 4.0, "eta_s": 0.0, "points": points}
+    assert browser.dispatch(EVENT, message) is True
+    wait_step(browser, 5, 40)
+    browser.wait(
+        f"(() => !!app.graph.getNodeById(arg)?.widgets?.find((w) => w.name === '{WIDGET}')?.element.querySelector('canvas')?.dataset.yLabels)()",
+        arg=5,
+    )
+    labels = widget_state(browser, 5)["yLabels"].split("|")
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+    values = [float(v) for v in labels]
+    assert values == sorted(values, reverse=True), "top to bottom"
+    assert all(0.1 < v < 0.1003 for v in values), labels
+    assert page_errors(browser)[errors_before:] == []
