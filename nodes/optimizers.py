@@ -62,13 +62,19 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._noise: dict[torch.device, list] = {}
+        self._noise: dict[torch.device, RoundingNoise] = {}
+        self._scratch: dict[torch.device, list[torch.Tensor]] = {}
         self._group_of: dict[int, dict[str, Any]] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
+
+    def _scratch_buffers(self, device: torch.device) -> list[torch.Tensor]:
+        if device not in self._scratch:
+            self._scratch[device] = [torch.empty(_CHUNK, dtype=torch.float32, device=device) for _ in range(5)]
+        return self._scratch[device]
 
     def _rounding_noise(self, device: torch.device) -> "RoundingNoise":
         if device not in self._noise:
@@ -111,15 +117,17 @@ class AdamW(torch.optim.Optimizer):
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
         tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+        scratch = None
         if all(x.is_contiguous() for x in tensors):
             # Elementwise, so in slices: float32 temporaries stay a few MB for any layer size.
             flat = [x.view(-1) for x in tensors]
             pieces = [[x[i : i + _CHUNK] for x in flat] for i in range(0, param.numel(), _CHUNK)]
+            scratch = self._scratch_buffers(param.device)
         else:
             pieces = [list(tensors)]
         noise = self._rounding_noise(param.device) if param.dtype == torch.bfloat16 else None
         for weight, grad, exp_avg, exp_avg_sq in pieces:
-            _adamw_update(weight, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt, noise)
+            _adamw_update(weight, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, decay, bias_correction1, bias_correction2_sqrt, noise, scratch, step)
 
 
 _CHUNK = 1 << 20
@@ -154,23 +162,53 @@ class RoundingNoise:
 
 def _adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float, beta1: float,
                   beta2: float, eps: float, decay: float, bias_correction1: float, bias_correction2_sqrt: float,
-                  noise: RoundingNoise | None) -> None:
-    """torch.optim.AdamW's single-tensor arithmetic; bfloat16 tensors go through float32."""
-    low = param.dtype == torch.bfloat16
-    weight = param.to(torch.float32).contiguous() if low else param
-    avg = exp_avg.to(torch.float32).contiguous() if exp_avg.dtype == torch.bfloat16 else exp_avg
-    avg_sq = exp_avg_sq.to(torch.float32).contiguous() if exp_avg_sq.dtype == torch.bfloat16 else exp_avg_sq
-    grad = grad.to(torch.float32) if grad.dtype != weight.dtype else grad
+                  noise: RoundingNoise | None, scratch: list[torch.Tensor] | None = None, step: int = 1) -> None:
+    """torch.optim.AdamW's update (its fused kernel where torch has one, else its single-tensor
+    arithmetic); bfloat16 tensors go through float32.
 
-    weight.mul_(1 - lr * decay)
-    avg.lerp_(grad, 1 - beta1)
-    avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    weight.addcdiv_(avg, denom, value=-lr / bias_correction1)
+    ``scratch``: five float32 buffers at least as long as the (flat) tensors; reusing them
+    spares an allocation, and its page faults, per temporary.
+    """
+    count = param.numel()
+
+    def as_float32(tensor: torch.Tensor, slot: int) -> torch.Tensor:
+        if tensor.dtype == torch.float32:
+            return tensor
+        if scratch is None:
+            return tensor.to(torch.float32).contiguous()
+        return scratch[slot][:count].view(tensor.shape).copy_(tensor)
+
+    weight, avg, avg_sq, grad = (as_float32(x, i) for i, x in enumerate((param, exp_avg, exp_avg_sq, grad)))
+
+    if not _fused_update(weight, grad, avg, avg_sq, lr, beta1, beta2, eps, decay, step):
+        weight.mul_(1 - lr * decay)
+        avg.lerp_(grad, 1 - beta1)
+        avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if scratch is None:
+            denom = avg_sq.sqrt()
+        else:
+            denom = torch.sqrt(avg_sq, out=scratch[4][:count].view(avg_sq.shape))
+        denom.div_(bias_correction2_sqrt).add_(eps)
+        weight.addcdiv_(avg, denom, value=-lr / bias_correction1)
 
     for target, value in ((param, weight), (exp_avg, avg), (exp_avg_sq, avg_sq)):
         if target.dtype == torch.bfloat16:
             stochastic_round_(target, value, noise=noise.take(value.numel()))
+
+
+def _fused_update(weight: torch.Tensor, grad: torch.Tensor, avg: torch.Tensor, avg_sq: torch.Tensor, lr: float, beta1: float,
+                  beta2: float, eps: float, decay: float, step: int) -> bool:
+    """The update in one pass with the kernel behind ``torch.optim.AdamW(fused=True)``;
+    False where this torch or device has none (the caller then does it op by op)."""
+    kernel = getattr(torch, "_fused_adamw_", None)
+    if kernel is None or weight.device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        kernel([weight], [grad], [avg], [avg_sq], [], [torch.tensor(float(step), device=weight.device)], lr=lr, beta1=beta1,
+               beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
 
 
 class FusedBackwardStep:
