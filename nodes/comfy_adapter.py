@@ -195,13 +195,21 @@ class _FreshWeight:
     The copy is tagged with its source so the saved-tensor policy below can keep a
     reference instead of the copy and cast again in backward: frozen weights then cost no
     memory between forward and backward.
+
+    ``frozen``: the copy is cut from the stored weight's graph. ComfyUI's loaded weights
+    are Parameters that require grad, so without the cut every backward would compute a
+    gradient for every frozen weight and leave it in ``.grad`` of the shared MODEL/CLIP
+    (a whole model of memory, and most of a backward's work, for nothing).
     """
 
-    def __init__(self, module: torch.nn.Module, attr: str):
+    def __init__(self, module: torch.nn.Module, attr: str, frozen: bool = True):
         self.module = module
         self.attr = attr
+        self.frozen = frozen
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            weight = weight.detach()
         functions = getattr(self.module, f"{self.attr}_function", [])
         # Only when nothing (a low-VRAM LoRA patch, say) altered it before us is the
         # copy a plain cast of the stored tensor.
@@ -899,8 +907,8 @@ def trainable_module_copy(root: torch.nn.Module, device: torch.device, dtype: to
         if cast_layer:
             # On the CPU ComfyUI computes in float32, so float32 weights are used as they are.
             tag = dtype != torch.float32 or torch.device(device).type != "cpu"
-            new.weight_function = [_FreshWeight(new, "weight")] if tag and new._parameters.get("weight") is not None else []
-            new.bias_function = [_FreshWeight(new, "bias")] if tag and new._parameters.get("bias") is not None else []
+            new.weight_function = [_FreshWeight(new, "weight", frozen=False)] if tag and new._parameters.get("weight") is not None else []
+            new.bias_function = [_FreshWeight(new, "bias", frozen=False)] if tag and new._parameters.get("bias") is not None else []
             new.comfy_cast_weights = True
         return new
 

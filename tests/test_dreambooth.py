@@ -293,6 +293,9 @@ def test_inputs_are_unchanged_after_training(sd15, lora_run):
     assert _state_hash(sd15["clip"].cond_stage_model) == before["clip"]
     assert torch.equal(_unet_output(sd15["model"]), before["out"])
     assert torch.equal(_encode(sd15["clip"], "a photo of sks dog"), before["cond"])
+    # Frozen weights are cut from the graph: no gradient was computed for, or left on, them.
+    for module in (sd15["model"].model, sd15["clip"].cond_stage_model):
+        assert [n for n, p in module.named_parameters() if p.grad is not None] == []
 
 
 def test_text_encoder_training_changes_the_output_clip_only(sd15, lora_run):

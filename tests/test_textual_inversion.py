@@ -158,6 +158,8 @@ def test_full_run_through_the_node(sd15, embeddings_dir):
     embedding, bound, curve, file_name = run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(3), **settings)
 
     assert _state_hash(model.model, clip.cond_stage_model, vae.first_stage_model) == before, "frozen weights changed"
+    for module in (model.model, clip.cond_stage_model):
+        assert [n for n, p in module.named_parameters() if p.grad is not None] == [], "no gradient left on frozen weights"
     assert file_name == settings["trigger_word"].strip("<>") + ".safetensors"
     path = embeddings_dir / file_name
     on_disk = ef.read_embedding(path)
