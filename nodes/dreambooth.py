@@ -10,8 +10,8 @@ preservation the model is also trained on images *it* generated for the class pr
 both terms in the model's own target space (ε or v; see ``training_math.prediction_loss``).
 
 Nothing the caller passed in is written to: LoRA and text-encoder changes are weight
-wrappers on clones, full fine-tuning trains a private float32 copy of the diffusion model
-(see ``comfy_adapter``), and the outputs are clones carrying the result as
+wrappers on clones, full fine-tuning trains a private copy of the diffusion model
+(bfloat16 or float32; see ``comfy_adapter.trainable_module_copy``), and the outputs are clones carrying the result as
 patches, so other branches of the graph keep the original model.
 """
 from __future__ import annotations
@@ -575,13 +575,11 @@ class DreamBoothTrainer:
 
     def _fused_step(self) -> dict[str, float]:
         """Both halves in one backward, which updates each weight as its gradient completes."""
-        s = self.settings
-        instance_loss, _ = self.losses(self.instance.draw())
+        # Each set of batches draws from its own random streams: drawing both first changes nothing.
+        instance_loss, prior_loss = self.losses(self.instance.draw(), None if self.klass is None else self.klass.draw())
         total, prior = instance_loss, 0.0
-        if self.klass is not None:
-            cond, pooled = self.text(s.class_prompt.strip())
-            prior_loss = diffusion_loss(self.unet, *self.klass.draw(), cond, pooled)
-            total = instance_loss + s.prior_loss_weight * prior_loss
+        if prior_loss is not None:
+            total = instance_loss + self.settings.prior_loss_weight * prior_loss
             prior = prior_loss.item()
         done = self.fused_step.steps
         total.backward()

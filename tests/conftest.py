@@ -7,6 +7,7 @@ ComfyUI is on no package registry. The checkout is found, in this order:
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,26 @@ def run_node(node_type: str, **inputs):
     cls = nodes.NODE_CLASS_MAPPINGS[node_type]
     with torch.inference_mode():
         return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@contextlib.contextmanager
+def cancel_at_step(step: int):
+    """Press ComfyUI's Cancel when a node's progress bar reaches ``step``; the body must raise
+    ComfyUI's interrupt exception (checked here). The hook and the flag are reset afterwards."""
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        if value == step:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from conftest import pack_module, run_node
+from conftest import cancel_at_step, pack_module, run_node
 
 _ROOT = pack_module().__name__
 db = importlib.import_module(_ROOT + ".nodes.dreambooth")
@@ -688,18 +688,8 @@ def test_cancel_keeps_the_last_save(sd15, monkeypatch):
     inputs = _inputs(sd15, steps=4, save_every=2, seed=23, prior_preservation=True, class_images=_images(2, seed=9))
     counter = _CountSampling(monkeypatch)
     path = Path(folder_paths.get_folder_paths("loras")[0]) / f"{inputs['file_name']}.safetensors"
-
-    def cancel_after_step_3(value, total, preview, node_id=None):
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(cancel_after_step_3)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_dreambooth(**inputs)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(3):
+        run_dreambooth(**inputs)
     with safetensors.safe_open(str(path), framework="pt") as handle:
         assert handle.metadata()["steps"] == "2", "the save from step 2 stays; no save on cancel"
     assert counter.calls == 0

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import pack_module, run_node
+from conftest import cancel_at_step, pack_module, run_node
 
 adapter = pack_module("nodes.comfy_adapter")
 ef = pack_module("nodes.embedding_file")
@@ -208,18 +208,8 @@ def test_cancel_keeps_the_last_save_and_resume_continues(sd15, embeddings_dir):
     model, clip, vae = sd15["model"], sd15["clip"], sd15["vae"]
     settings = _settings(steps=6, save_every=2)
     path = embeddings_dir / (settings["trigger_word"].strip("<>") + ".safetensors")
-
-    def cancel_after_step_3(value, total, preview, node_id=None):
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(cancel_after_step_3)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(2), **settings)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(3):
+        run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(2), **settings)
     saved = ef.read_embedding(path)
     assert saved.metadata["steps"] == "2", "the last good save is the one from step 2"
 

@@ -49,7 +49,7 @@ CONFIGS = (("lora", False), ("lora", True), ("full", False), ("full", True))
 # The same measurements as the reference loops, so the two columns compare.
 sys.path.insert(0, str(BENCH_DIR))
 from reference_loops import _memory_snapshot as _snapshot, peak_rss_mb, reset_peak_rss  # noqa: E402
-from reference_loops import UNET_CONFIGS, detect_unet  # noqa: E402
+from reference_loops import UNET_CONFIGS, detect_unet, run_json_command  # noqa: E402
 
 
 # --------------------------------------------------------------------------- ComfyUI, headless
@@ -198,19 +198,6 @@ def resolve_checkpoint(args: argparse.Namespace) -> None:
     args.checkpoint = Path(proc.stdout.strip().splitlines()[-1])
 
 
-def run_subprocess(cmd: list[str], timeout: Optional[float]) -> dict[str, Any]:
-    began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"benchmark run printed no JSON line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    data = json.loads(lines[-1])
-    data["wall_s"] = round(time.perf_counter() - began, 2)
-    return data
-
-
 def _configs(args: argparse.Namespace) -> list[tuple[str, bool]]:
     modes = ("lora", "full") if args.mode == "both" else (args.mode,)
     priors = {"off": (False,), "on": (True,), "both": (False, True)}[args.prior]
@@ -225,7 +212,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     resolve_checkpoint(args)
     rows = []
     for mode, prior in _configs(args):
-        ours = run_subprocess(one_command(mode, prior, args), args.timeout)
+        ours = run_json_command(one_command(mode, prior, args), args.timeout)
         print(json.dumps(ours), flush=True)
         reference = reference_loops.run_reference_subprocess(
             "db", timeout=args.timeout, resolution=args.resolution, steps=args.steps, mode=mode, prior=prior,
@@ -306,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     resolve_checkpoint(args)
     for mode, prior in _configs(args):
-        print(json.dumps(run_subprocess(one_command(mode, prior, args), args.timeout)), flush=True)
+        print(json.dumps(run_json_command(one_command(mode, prior, args), args.timeout)), flush=True)
     return 0
 
 

@@ -886,19 +886,27 @@ def reference_command(method: Literal["ti", "db", "check"], *, resolution: int =
     return cmd
 
 
-def run_reference_subprocess(method: Literal["ti", "db", "check"], timeout: Optional[float] = None,
-                             **kwargs: Any) -> dict[str, Any]:
-    """Run :func:`reference_command` and return its JSON line (plus ``wall_s``)."""
+def run_json_command(cmd: Sequence[str], timeout: Optional[float] = None) -> dict[str, Any]:
+    """Run a measuring process and return the last JSON line it printed (plus ``wall_s``).
+
+    Every measurement runs in a process of its own, because peak RSS is per process.
+    """
     start = time.perf_counter()
-    proc = subprocess.run(reference_command(method, **kwargs), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"reference run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"measurement failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-4000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise RuntimeError(f"reference run printed no JSON line:\n{proc.stdout[-2000:]}")
+        raise RuntimeError(f"measurement printed no JSON line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     data = json.loads(lines[-1])
     data["wall_s"] = round(time.perf_counter() - start, 2)
     return data
+
+
+def run_reference_subprocess(method: Literal["ti", "db", "check"], timeout: Optional[float] = None,
+                             **kwargs: Any) -> dict[str, Any]:
+    """Run :func:`reference_command` and return its JSON line (plus ``wall_s``)."""
+    return run_json_command(reference_command(method, **kwargs), timeout)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,20 +84,15 @@ def run_pack(checkpoint: Path | None, resolution: int, steps: int, warmup: int, 
     return ref._finish_result(result, times, cpu_times, run.losses.raw["loss"], torch_device)
 
 
-def _subprocess(argv: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-
-
 def compare(args: argparse.Namespace) -> None:
+    import reference_loops as ref
+
     common = ["--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device]
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint)]
-    ours = _subprocess([str(Path(__file__).resolve()), *common])
-    reference = _subprocess([str(HERE / "reference_loops.py"), "--ti", *common])
+    ours = ref.run_json_command([sys.executable, str(Path(__file__).resolve()), *common])
+    reference = ref.run_json_command([sys.executable, str(HERE / "reference_loops.py"), "--ti", *common])
     rows = [
         ("s/step (mean)", "s_per_step"), ("s/step (median)", "s_per_step_median"), ("s/step (min)", "s_per_step_min"),
         ("peak RSS MB (process)", "peak_rss_mb"), ("peak RSS MB (training)", "peak_rss_train_mb"),
