@@ -9,7 +9,7 @@ How weights become trainable without changing the MODEL other graph branches use
 - LoRA (UNet and CLIP) and full text-encoder tuning: weight wrappers on a clone's patcher
   (``w -> w + change``), as ComfyUI's own trainer does; the stored weights are never written.
 - Full UNet fine-tuning: a *private trainable copy* of the diffusion model (its own float32
-  parameters), and a DIFFUSION_MODEL wrapper in the training clone's ``model_options`` that
+  or bfloat16 parameters), and a DIFFUSION_MODEL wrapper in the training clone's ``model_options`` that
   runs that copy's forward instead of the shared module's. ComfyUI's own ``_apply_model``
   (input scaling, timestep conversion, conditioning casts, denoised output) still runs.
 - Gradient checkpointing: the same wrapper runs a *view* of the diffusion model whose
@@ -53,10 +53,7 @@ def embedding_folders() -> list[str]:
 
 def embedding_save_folder() -> Path:
     """The first embeddings folder: where ComfyUI (and extra_model_paths.yaml) put it."""
-    folders = embedding_folders()
-    if not folders:
-        raise RuntimeError("ComfyUI has no 'embeddings' folder configured")
-    return Path(folders[0])
+    return _first_folder("embeddings")
 
 
 def embedding_file_names() -> list[str]:
@@ -447,8 +444,6 @@ class ProgressReporter:
     def __init__(self, total: int, node_id: str | None, kind: str, min_interval_s: float = 0.25):
         import time
 
-        import comfy.utils
-
         self._time = time.monotonic
         self.total = total
         self.node_id = node_id
@@ -538,7 +533,6 @@ def conditioning(clip: comfy.sd.CLIP, text: str) -> list:
 def render_preview(model: Any, clip: comfy.sd.CLIP, vae: Any, prompt: str, seed: int, width: int, height: int,
                    steps: int = 20, cfg: float = 7.0, sampler_name: str = "euler", scheduler: str = "normal") -> Any:
     """An image (PIL) from ComfyUI's own sampler, for the node's live preview."""
-    import comfy.sample
     from PIL import Image
 
     with torch.inference_mode():

@@ -7,8 +7,8 @@ served: weights, gradients and two moment estimates. Two standard ways down, bot
   computed in float32 and written back with stochastic rounding: an update far below
   bfloat16's resolution (lr 5e-6 on a weight of 0.05 is 2 % of one step of the format)
   lands with the matching probability instead of never, so the weights follow the float32
-  trajectory in expectation. float32 parameters are updated exactly as ``torch.optim.AdamW``
-  does.
+  trajectory in expectation. float32 parameters are updated exactly as
+  ``torch.optim.AdamW(fused=True)`` updates them (the same kernel, slice by slice).
 - ``FusedBackwardStep`` steps each parameter from a post-accumulate-grad hook, the moment
   its gradient is complete in backward, and frees that gradient: no whole-model gradient
   ever exists. Clipping can then only see one tensor at a time.
@@ -51,8 +51,9 @@ class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter) that can step one parameter at a time.
 
     Moments are kept in the parameter's dtype. bfloat16 parameters are updated in float32
-    and stochastically rounded back (see the module docstring); float32 ones follow
-    ``torch.optim.AdamW``'s single-tensor arithmetic.
+    and stochastically rounded back (see the module docstring); float32 ones in place.
+    Both use torch's fused AdamW kernel, or its single-tensor arithmetic where torch or
+    the device has no such kernel.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
