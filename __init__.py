@@ -1,4 +1,5 @@
 """ComfyUI Personalize: Textual Inversion and DreamBooth training inside the ComfyUI graph."""
+
 from .nodes.apply_embedding_node import ApplyEmbedding
 from .nodes.dreambooth_node import DreamBoothFinetune
 from .nodes.graph_types import APPLY_EMBEDDING, DREAMBOOTH_FINETUNE, IMAGE_FOLDER, TRAIN_TEXTUAL_INVERSION

@@ -1,11 +1,11 @@
 """The "Apply Embedding" node: bind an embedding to a CLIP under a trigger word."""
+
 from __future__ import annotations
 
-import hashlib
-
-from . import comfy_adapter
-from .embedding_file import EmbeddingFile, read_embedding, vectors_for_encoders
+from .comfy_bridge import folders, tokens
+from .core.embedding_file import EmbeddingFile, read_embedding, vectors_for_encoders
 from .graph_types import CATEGORY, EMBEDDING
+from .node_inputs import file_hash
 
 NO_FILE = "(none: use the embedding input)"
 
@@ -28,15 +28,14 @@ class ApplyEmbedding:
             "required": {
                 "clip": ("CLIP", {"tooltip": "The CLIP to teach the word to. It is cloned: other branches keep the original."}),
                 "embedding_file": (
-                    [NO_FILE] + comfy_adapter.embedding_file_names(),
+                    [NO_FILE, *folders.file_names("embeddings")],
                     {"tooltip": "An embedding from models/embeddings. Ignored when the embedding input is connected."},
                 ),
                 "trigger_word": (
                     "STRING",
                     {
                         "default": "",
-                        "tooltip": "The word your prompts use for the embedding, e.g. <my-cat>. "
-                        "Empty: the name stored in the embedding.",
+                        "tooltip": "The word your prompts use for the embedding, e.g. <my-cat>. Empty: the name stored in the embedding.",
                     },
                 ),
                 "strength": (
@@ -70,20 +69,14 @@ class ApplyEmbedding:
 
     @classmethod
     def IS_CHANGED(cls, embedding_file: str = NO_FILE, **kwargs):
-        # ComfyUI caches by inputs; a retrained file under the same name must re-run.
-        if embedding_file == NO_FILE:
-            return ""
-        try:
-            return hashlib.sha256(comfy_adapter.embedding_file_path(embedding_file).read_bytes()).hexdigest()
-        except OSError:
-            return float("nan")
+        return "" if embedding_file == NO_FILE else file_hash("embeddings", embedding_file)
 
     def apply(self, clip, embedding_file: str, trigger_word: str, strength: float, embedding: EmbeddingFile | None = None):
         if embedding is None:
             if embedding_file == NO_FILE:
                 raise ValueError("no embedding: choose a file in 'embedding_file' or connect a training node's embedding")
-            embedding = read_embedding(comfy_adapter.embedding_file_path(embedding_file))
+            embedding = read_embedding(folders.file_path("embeddings", embedding_file))
         word = validate_trigger_word(trigger_word or embedding.name)
-        vectors = vectors_for_encoders(embedding, comfy_adapter.text_encoder_widths(clip))
+        vectors = vectors_for_encoders(embedding, tokens.text_encoder_widths(clip))
         scaled = {key: tensor * strength for key, tensor in vectors.items()}
-        return (comfy_adapter.bind_trigger_words(clip, {word: scaled}), word)
+        return (tokens.bind_trigger_words(clip, {word: scaled}), word)

@@ -7,6 +7,7 @@ The checkout is found, in this order: ``COMFYUI_PATH``; the ComfyUI enclosing th
 (``ComfyUI/custom_nodes/<pack>``); ``~/.cache/comfyui/ComfyUI``; else a shallow clone of
 the public repository into that cache.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,9 @@ def find_comfyui() -> Path:
     try:
         clone = subprocess.run(
             ["git", "clone", "--depth", "1", COMFYUI_REPOSITORY, str(CACHE_CHECKOUT)],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         reason = (clone.stderr or "").strip().splitlines()[-1:] or ["no output"]
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -65,13 +68,13 @@ def start(base_dir: Path, cpu: bool = True, load_extra_nodes: bool = True) -> Pa
     """Import ComfyUI with its folders under ``base_dir``, then load this pack as a custom node."""
     comfy_dir = find_comfyui()
     sys.path.insert(0, str(comfy_dir))
-    import comfy.options  # noqa: F401  (args parsing stays off: our argv is not ComfyUI's)
     import comfy.cli_args
+    import comfy.options
 
     comfy.cli_args.args.cpu = cpu
     # main.py imports utils.extra_config before nodes: afterwards `utils` means comfy/utils.py.
-    import utils.extra_config  # noqa: F401
     import folder_paths
+    import utils.extra_config  # noqa: F401
 
     models = base_dir / "models"
     for folder in ("checkpoints", "embeddings", "loras", "personalize_cache"):

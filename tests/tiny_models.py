@@ -39,7 +39,8 @@ import pathlib
 import shutil
 import tempfile
 import zlib
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -164,6 +165,7 @@ def tiny_sdxl_unet_config(model_channels: int = 320) -> dict[str, Any]:
 # Seeded initialisation
 # --------------------------------------------------------------------------
 
+
 def _generator(seed: int, component: str) -> torch.Generator:
     """A generator per (seed, component).
 
@@ -186,8 +188,7 @@ def _fill_normal_(param: torch.Tensor, std: float, generator: torch.Generator) -
         param.copy_(sample.mul_(std))
 
 
-def _initialise_parameter_(module: torch.nn.Module, name: str, param: torch.Tensor,
-                           generator: torch.Generator, qualified: str) -> None:
+def _initialise_parameter_(module: torch.nn.Module, name: str, param: torch.Tensor, generator: torch.Generator, qualified: str) -> None:
     # ComfyUI's ops subclass the torch.nn classes, so isinstance sees through them.
     if isinstance(module, torch.nn.Embedding) and name == "weight":
         _fill_normal_(param, EMBEDDING_STD, generator)
@@ -248,6 +249,7 @@ def _assert_finite(items: Iterable[tuple[str, torch.Tensor]], what: str, bound: 
 # Component builders (ComfyUI classes, fp32, seeded)
 # --------------------------------------------------------------------------
 
+
 def _build_base_model(config_cls: type, unet_config: dict[str, Any], seed: int) -> Any:
     """Instantiate ``config_cls``'s model_base model in fp32 and seed its UNet."""
     # Deep copy: ComfyUI only shallow-copies the config, and the module-level
@@ -299,6 +301,7 @@ def _build_clip_h(seed: int) -> torch.nn.Module:
 # Saving
 # --------------------------------------------------------------------------
 
+
 def _to_storage(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """Cast to fp16 one tensor at a time, dropping the fp32 source as we go.
 
@@ -343,14 +346,17 @@ def _assert_detected_as(sd: dict[str, torch.Tensor], expected: type, path: pathl
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     detected = comfy.model_detection.model_config_from_unet(sd, prefix)
     if type(detected) is not expected:
-        raise RuntimeError(
-            f"{path.name}: ComfyUI detects {type(detected).__name__}, expected {expected.__name__}"
-        )
+        raise RuntimeError(f"{path.name}: ComfyUI detects {type(detected).__name__}, expected {expected.__name__}")
 
 
-def _build_checkpoint(path: pathlib.Path, config_cls: type, unet_config: dict[str, Any],
-                      clip_builder: Callable[[int], torch.nn.Module], clip_prefix: str,
-                      seed: int) -> pathlib.Path:
+def _build_checkpoint(
+    path: pathlib.Path,
+    config_cls: type,
+    unet_config: dict[str, Any],
+    clip_builder: Callable[[int], torch.nn.Module],
+    clip_prefix: str,
+    seed: int,
+) -> pathlib.Path:
     path = pathlib.Path(path)
     model = _build_base_model(config_cls, unet_config, seed)
     clip = clip_builder(seed)
@@ -373,7 +379,8 @@ def _build_checkpoint(path: pathlib.Path, config_cls: type, unet_config: dict[st
 # Public builders
 # --------------------------------------------------------------------------
 
-def build_sd15_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
+
+def build_sd15_checkpoint(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write an SD1.5-detectable checkpoint (``comfy.supported_models.SD15``).
 
     One-level UNet (~26M params), full CLIP-L text encoder (123M) and full
@@ -385,11 +392,10 @@ def build_sd15_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> path
     """
     import comfy.supported_models
 
-    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD15,
-                             SD15_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
+    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD15, SD15_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
 
 
-def build_sd15_full_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
+def build_sd15_full_checkpoint(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Like :func:`build_sd15_checkpoint` but with the full-size SD1.5 UNet
     (:data:`SD15_FULL_UNET_CONFIG`, ~860M params; ~2 GB on disk), for benchmarks.
 
@@ -399,11 +405,10 @@ def build_sd15_full_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) ->
     """
     import comfy.supported_models
 
-    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD15,
-                             SD15_FULL_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
+    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD15, SD15_FULL_UNET_CONFIG, _build_clip_l, "clip_l.", seed)
 
 
-def build_sd2_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
+def build_sd2_checkpoint(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Write an SD2.x-detectable checkpoint (``comfy.supported_models.SD20``, EPS).
 
     One-level UNet with linear transformer projections and 64-channel heads,
@@ -412,16 +417,14 @@ def build_sd2_checkpoint(path: Union[str, pathlib.Path], seed: int = 0) -> pathl
     """
     import comfy.supported_models
 
-    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD20,
-                             SD2_UNET_CONFIG, _build_clip_h, "clip_h.", seed)
+    return _build_checkpoint(pathlib.Path(path), comfy.supported_models.SD20, SD2_UNET_CONFIG, _build_clip_h, "clip_h.", seed)
 
 
 SDXL_CLIP_L_FILENAME = "clip_l.safetensors"
 SDXL_CLIP_G_FILENAME = "clip_g.safetensors"
 
 
-def build_sdxl_text_encoders(path_dir: Union[str, pathlib.Path], seed: int = 0
-                             ) -> tuple[pathlib.Path, pathlib.Path]:
+def build_sdxl_text_encoders(path_dir: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
     """Write full-size SDXL text encoders as ``(clip_l, clip_g)`` safetensors.
 
     Both are in the HF ``text_model.*`` + ``text_projection.weight`` layout that
@@ -432,8 +435,7 @@ def build_sdxl_text_encoders(path_dir: Union[str, pathlib.Path], seed: int = 0
     """
     path_dir = pathlib.Path(path_dir)
     paths = []
-    for builder, filename in ((_build_clip_l, SDXL_CLIP_L_FILENAME),
-                              (_build_clip_g, SDXL_CLIP_G_FILENAME)):
+    for builder, filename in ((_build_clip_l, SDXL_CLIP_L_FILENAME), (_build_clip_g, SDXL_CLIP_G_FILENAME)):
         clip = builder(seed)
         # load_clip feeds each file to the inner CLIPTextModel, so save that level.
         sd = _to_storage(clip.transformer.state_dict(), what=filename)
@@ -443,9 +445,11 @@ def build_sdxl_text_encoders(path_dir: Union[str, pathlib.Path], seed: int = 0
     return paths[0], paths[1]
 
 
-def load_sdxl_clip(paths: Sequence[Union[str, pathlib.Path]],
-                   embedding_directory: Optional[Union[str, pathlib.Path, Sequence[str]]] = None,
-                   model_options: Optional[dict[str, Any]] = None) -> "comfy.sd.CLIP":
+def load_sdxl_clip(
+    paths: Sequence[str | pathlib.Path],
+    embedding_directory: str | pathlib.Path | Sequence[str] | None = None,
+    model_options: dict[str, Any] | None = None,
+) -> comfy.sd.CLIP:
     """Load the CLIP-L/CLIP-G pair exactly as DualCLIPLoader(type="sdxl") does.
 
     ``model_options`` is passed through to ``comfy.sd.load_clip`` (e.g.
@@ -458,13 +462,15 @@ def load_sdxl_clip(paths: Sequence[Union[str, pathlib.Path]],
         embedding_directory = str(embedding_directory)
     # comfy.utils.load_torch_file picks the safetensors reader from a str suffix,
     # so pathlib.Path objects must not reach it.
-    return comfy.sd.load_clip([str(p) for p in paths], embedding_directory=embedding_directory,
-                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                              model_options=dict(model_options or {}))
+    return comfy.sd.load_clip(
+        [str(p) for p in paths],
+        embedding_directory=embedding_directory,
+        clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+        model_options=dict(model_options or {}),
+    )
 
 
-def build_tiny_sdxl_model(seed: int = 0, model_channels: int = 320
-                          ) -> "comfy.model_patcher.ModelPatcher":
+def build_tiny_sdxl_model(seed: int = 0, model_channels: int = 320) -> comfy.model_patcher.ModelPatcher:
     """An SDXL-shaped diffusion model (``comfy.model_base.SDXL``) in memory.
 
     The real SDXL UNet is the only one ComfyUI detects as SDXL and is 2.6B
@@ -488,8 +494,7 @@ def build_tiny_sdxl_model(seed: int = 0, model_channels: int = 320
     )
 
 
-def sdxl_adm(model_patcher: "comfy.model_patcher.ModelPatcher", pooled: torch.Tensor,
-             width: int, height: int, **extra: int) -> torch.Tensor:
+def sdxl_adm(model_patcher: comfy.model_patcher.ModelPatcher, pooled: torch.Tensor, width: int, height: int, **extra: int) -> torch.Tensor:
     """Build SDXL's ``y`` vector [B, 2816] with ComfyUI's ``SDXL.encode_adm``.
 
     ``width``/``height`` are pixel sizes (what CLIPTextEncodeSDXL passes);
@@ -522,7 +527,7 @@ def _cache_name(kind: str, seed: int) -> str:
     return f"tiny-{kind}-seed{seed}-v{TINY_MODELS_VERSION}-{digest}"
 
 
-def cached_checkpoint(kind: str, cache_dir: Union[str, pathlib.Path], seed: int = 0) -> pathlib.Path:
+def cached_checkpoint(kind: str, cache_dir: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Build a model file once per cache dir and reuse it afterwards.
 
     ``kind`` is ``"sd15"``, ``"sd2"`` or ``"sd15-full"`` (the full-size SD1.5
@@ -549,8 +554,7 @@ def cached_checkpoint(kind: str, cache_dir: Union[str, pathlib.Path], seed: int 
                 os.rename(tmp_dir, final_dir)
             except OSError:
                 # Another worker won the race (or a stale partial dir exists).
-                if not ((final_dir / SDXL_CLIP_L_FILENAME).is_file()
-                        and (final_dir / SDXL_CLIP_G_FILENAME).is_file()):
+                if not ((final_dir / SDXL_CLIP_L_FILENAME).is_file() and (final_dir / SDXL_CLIP_G_FILENAME).is_file()):
                     shutil.rmtree(final_dir, ignore_errors=True)
                     os.rename(tmp_dir, final_dir)
         finally:
@@ -560,14 +564,12 @@ def cached_checkpoint(kind: str, cache_dir: Union[str, pathlib.Path], seed: int 
     final = cache_dir / f"{name}.safetensors"
     if final.is_file():
         return final
-    builder = {"sd15": build_sd15_checkpoint, "sd2": build_sd2_checkpoint,
-               "sd15-full": build_sd15_full_checkpoint}[kind]
+    builder = {"sd15": build_sd15_checkpoint, "sd2": build_sd2_checkpoint, "sd15-full": build_sd15_full_checkpoint}[kind]
     # The builders already write to a temporary name and os.replace it.
     return builder(final, seed=seed)
 
 
-def cached_sdxl_text_encoders(cache_dir: Union[str, pathlib.Path], seed: int = 0
-                              ) -> tuple[pathlib.Path, pathlib.Path]:
+def cached_sdxl_text_encoders(cache_dir: str | pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, pathlib.Path]:
     """Cached ``(clip_l, clip_g)`` paths, ready for :func:`load_sdxl_clip`."""
     directory = cached_checkpoint("sdxl_te", cache_dir, seed=seed)
     return directory / SDXL_CLIP_L_FILENAME, directory / SDXL_CLIP_G_FILENAME

@@ -10,6 +10,9 @@
 // The widget is never serialized (no widgets_values entry, no prompt input). Every handler is
 // guarded: malformed or unexpected messages are ignored and logged once, never thrown.
 //
+// It also migrates the widget values of workflows saved before a node lost an input
+// (WIDGET_MIGRATIONS), so they load with every value where it belongs.
+//
 // Served by ComfyUI at /extensions/<pack folder>/personalize_progress.js, so the front end's
 // module shims are two levels up (/scripts/app.js, /scripts/api.js).
 import { app } from "../../scripts/app.js";
@@ -249,11 +252,15 @@ function ensureWidget(node) {
   canvasToState.set(els.canvas, state);
   resizeObserver?.observe(els.canvas);
 
-  // If the widget is not the node's last one, LGraphNode.serialize leaves a hole (saved as
-  // null) at its index, which would shift the values of the widgets after it on reload: drop it.
+  // Front ends up to 1.48 write one widgets_values entry per widget, a hole (null) for ours,
+  // which would shift the values of any widget after it on reload: drop that hole. Newer ones
+  // (1.53+) write no entry for it at all: then there is nothing to drop, and dropping by index
+  // would cut a real value. So only a hole of the one-entry-per-widget layout is removed.
   node.onSerialize = chainFirst(node.onSerialize, function (o) {
+    const values = o?.widgets_values;
     const i = this.widgets?.indexOf(widget) ?? -1;
-    if (i >= 0 && Array.isArray(o?.widgets_values) && i < o.widgets_values.length) o.widgets_values.splice(i, 1);
+    if (i < 0 || !Array.isArray(values) || values.length !== this.widgets.length) return;
+    if (values[i] === null || values[i] === undefined || values[i] === "") values.splice(i, 1);
   });
   node.onRemoved = chain(node.onRemoved, () => {
     dirty.delete(state);
@@ -601,6 +608,17 @@ function drawChart(state, cssW, cssH) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Saved workflows store widget values by position: when a node loses an input, the values of
+// workflows saved before are fixed here before the node reads them.
+const WIDGET_MIGRATIONS = {
+  // 'repeats' (third widget: folder, path, repeats, on_bad_file, recursive, allow_any_path) was
+  // removed: both trainers draw images uniformly, so it never changed what was trained.
+  PersonalizeImageFolder(info) {
+    const v = info?.widgets_values;
+    if (Array.isArray(v) && v.length === 6 && typeof v[2] === "number") v.splice(2, 1);
+  },
+};
+
 app.registerExtension({
   name: "personalize.trainingProgress",
 
@@ -621,6 +639,18 @@ app.registerExtension({
   }),
 
   beforeRegisterNodeDef: guard("beforeRegisterNodeDef", function beforeRegisterNodeDef(nodeType, nodeData) {
+    const migrate = WIDGET_MIGRATIONS[nodeData?.name];
+    if (migrate) {
+      const configure = nodeType.prototype.configure;
+      nodeType.prototype.configure = function configureMigrated(info, ...rest) {
+        try {
+          migrate(info);
+        } catch (err) {
+          logOnce("widget migration", err);
+        }
+        return configure.call(this, info, ...rest);
+      };
+    }
     if (!TRAINING_NODE_TYPES.has(nodeData?.name)) return;
     const original = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function onNodeCreated(...args) {

@@ -36,19 +36,19 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_PATH", Path.home() / ".cache" / "comfyui" / "ComfyUI"))
 TOKENIZER_DIR = COMFYUI_DIR / "comfy" / "sd1_tokenizer"
-MODEL_CACHE = Path(os.environ.get(
-    "PERSONALIZE_TINY_MODELS", Path.home() / ".cache" / "comfy-personalize" / "tiny-models"))
+MODEL_CACHE = Path(os.environ.get("PERSONALIZE_TINY_MODELS", Path.home() / ".cache" / "comfy-personalize" / "tiny-models"))
 
 # --------------------------------------------------------------------------------------
 # Model configs matching tests/tiny_models.py (SD15_UNET_CONFIG, SD_VAE_DDCONFIG, CLIP-L)
@@ -168,15 +168,16 @@ CHECK_PROMPT = "a photo of a cat sitting on a red chair"
 # Process memory
 # --------------------------------------------------------------------------------------
 
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process over its whole life (ru_maxrss, KiB on
     Linux).  Monotone: it also holds the model-loading transient."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _proc_status_mb(field: str) -> Optional[float]:
+def _proc_status_mb(field: str) -> float | None:
     try:
-        with open("/proc/self/status", "r", encoding="ascii") as f:
+        with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0  # reported in kB
@@ -218,8 +219,7 @@ def peak_rss_since_reset_mb() -> float:
 
 
 def _memory_snapshot(device: torch.device, label: str) -> dict[str, float]:
-    snap = {f"rss_{label}_mb": round(current_rss_mb(), 1),
-            f"peak_rss_{label}_mb": round(peak_rss_since_reset_mb(), 1)}
+    snap = {f"rss_{label}_mb": round(current_rss_mb(), 1), f"peak_rss_{label}_mb": round(peak_rss_since_reset_mb(), 1)}
     if device.type == "cuda":
         snap[f"cuda_allocated_{label}_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
         snap[f"cuda_peak_{label}_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -235,14 +235,15 @@ def _sync(device: torch.device) -> None:
 # ComfyUI bootstrap (only for the equivalence check and for building the tiny checkpoint)
 # --------------------------------------------------------------------------------------
 
+
 def _ensure_comfyui(cpu: bool = True) -> None:
     """Put ComfyUI and tests/ on sys.path and configure it before comfy.model_management
     is imported: that module reads args.cpu once, at import time."""
     for path in (str(COMFYUI_DIR), str(TESTS_DIR)):
         if path not in sys.path:
             sys.path.insert(0, path)
-    import comfy.options  # noqa: F401  (args parsing stays off: our argv is not ComfyUI's)
     import comfy.cli_args
+    import comfy.options
 
     if "comfy.model_management" in sys.modules and comfy.cli_args.args.cpu != cpu:
         raise RuntimeError("comfy.model_management was imported before the device was chosen")
@@ -266,6 +267,7 @@ def default_checkpoint(seed: int = 0, unet: str = "tiny") -> Path:
 # Loading the LDM checkpoint into diffusers / transformers modules
 # --------------------------------------------------------------------------------------
 
+
 def _read_prefixed(checkpoint_path: PathLike, prefix: str) -> dict[str, torch.Tensor]:
     """Only one component's fp16 tensors at a time, to keep the loading peak small:
     the RSS after loading is the baseline training overhead is measured from."""
@@ -273,7 +275,7 @@ def _read_prefixed(checkpoint_path: PathLike, prefix: str) -> dict[str, torch.Te
 
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(checkpoint_path), framework="pt", device="cpu") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
             if key.startswith(prefix):
                 out[key] = f.get_tensor(key)
     if not out:
@@ -281,15 +283,13 @@ def _read_prefixed(checkpoint_path: PathLike, prefix: str) -> dict[str, torch.Te
     return out
 
 
-def _load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
-                 ignore_missing: Sequence[str] = ()) -> None:
+def _load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str, ignore_missing: Sequence[str] = ()) -> None:
     # copy_ inside load_state_dict casts the fp16 storage to the module's fp32 in place,
     # so no fp32 copy of the state dict is ever materialised.
     result = module.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if k not in ignore_missing]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{what}: conversion mismatch; missing={missing[:10]} "
-                           f"unexpected={list(result.unexpected_keys)[:10]}")
+        raise RuntimeError(f"{what}: conversion mismatch; missing={missing[:10]} unexpected={list(result.unexpected_keys)[:10]}")
 
 
 def detect_unet(checkpoint_path: PathLike) -> str:
@@ -299,7 +299,7 @@ def detect_unet(checkpoint_path: PathLike) -> str:
     from safetensors import safe_open
 
     with safe_open(str(checkpoint_path), framework="pt", device="cpu") as f:
-        keys = [k for k in f.keys() if k.startswith(_UNET_PREFIX + "input_blocks.")]
+        keys = [k for k in f.keys() if k.startswith(_UNET_PREFIX + "input_blocks.")]  # noqa: SIM118 (safe_open is no mapping)
     if not keys:
         raise KeyError(f"{checkpoint_path}: no {_UNET_PREFIX}input_blocks.* keys; not an LDM SD1.x checkpoint?")
     levels = 1 + sum(1 for k in keys if k.endswith(".0.op.weight"))
@@ -309,16 +309,18 @@ def detect_unet(checkpoint_path: PathLike) -> str:
     return _UNET_BY_LEVELS[levels]
 
 
-def _unet_config(unet: Union[None, str, dict[str, Any]], checkpoint_path: PathLike) -> dict[str, Any]:
+def _unet_config(unet: str | dict[str, Any] | None, checkpoint_path: PathLike) -> dict[str, Any]:
     if isinstance(unet, dict):
         return unet
     return UNET_CONFIGS[unet or detect_unet(checkpoint_path)][1]
 
 
-def load_diffusers_modules(checkpoint_path: PathLike, device: Union[str, torch.device] = "cpu",
-                           dtype: torch.dtype = torch.float32,
-                           unet_config: Union[None, str, dict[str, Any]] = None,
-                           ) -> tuple[Any, Any, Any, Any, Any]:
+def load_diffusers_modules(
+    checkpoint_path: PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    unet_config: str | dict[str, Any] | None = None,
+) -> tuple[Any, Any, Any, Any, Any]:
     """``(unet, text_encoder, tokenizer, vae, noise_scheduler)`` holding the checkpoint's weights.
 
     ``unet_config`` is a :data:`UNET_CONFIGS` name (``"tiny"``, ``"sd15-full"``), a
@@ -356,14 +358,12 @@ def load_diffusers_modules(checkpoint_path: PathLike, device: Union[str, torch.d
         # base_model_prefix); 4.x keeps the text_model wrapper the file's keys name.
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     # position_ids is a non-persistent buffer (an arange) that SD files do not carry.
-    _load_strict(text_encoder, sd, "text_encoder",
-                 ignore_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    _load_strict(text_encoder, sd, "text_encoder", ignore_missing=("text_model.embeddings.position_ids", "embeddings.position_ids"))
     del sd
 
     # ComfyUI's copy says model_max_length 8192 (it chunks long prompts itself); the HF SD
     # repos the examples load say 77, the CLIP context, which the examples pad to.
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(TOKENIZER_DIR), model_max_length=CLIP_L_CONFIG["max_position_embeddings"])
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=CLIP_L_CONFIG["max_position_embeddings"])
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
 
     for module in (unet, vae, text_encoder):
@@ -382,16 +382,19 @@ def _text_transformer(text_encoder: Any) -> Any:
 
 def _tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     # The examples pad every prompt to the full 77-token window, as SD1.x was trained.
-    return tokenizer(list(prompts), padding="max_length", truncation=True,
-                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    return tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
 
 
 # --------------------------------------------------------------------------------------
 # Equivalence with ComfyUI
 # --------------------------------------------------------------------------------------
 
-def check_equivalence(checkpoint_path: Optional[PathLike] = None, seed: int = 0,
-                      timesteps: Sequence[int] = (50, 500, 950)) -> dict[str, float]:
+
+def check_equivalence(
+    checkpoint_path: PathLike | None = None, seed: int = 0, timesteps: Sequence[int] = (50, 500, 950)
+) -> dict[str, float]:
     """Max |diffusers - ComfyUI| for the same file, fp32 on the CPU.
 
     Keys: ``token_id_mismatches`` (count), ``text_encoder``, ``ddpm_x_t`` (diffusers'
@@ -410,8 +413,12 @@ def check_equivalence(checkpoint_path: Optional[PathLike] = None, seed: int = 0,
     unet, text_encoder, tokenizer, vae, scheduler = load_diffusers_modules(checkpoint_path)
     with torch.inference_mode():
         model, clip, comfy_vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(checkpoint_path), output_vae=True, output_clip=True,
-            model_options={"dtype": torch.float32}, te_model_options={"dtype": torch.float32})
+            str(checkpoint_path),
+            output_vae=True,
+            output_clip=True,
+            model_options={"dtype": torch.float32},
+            te_model_options={"dtype": torch.float32},
+        )
         comfy.model_management.load_models_gpu([model])
 
         # (a) text encoder: ComfyUI's SD1.5 CLIP returns the last layer after final_layer_norm.
@@ -460,14 +467,16 @@ def check_equivalence(checkpoint_path: Optional[PathLike] = None, seed: int = 0,
 # Shared helpers for the loops
 # --------------------------------------------------------------------------------------
 
+
 def _synthetic_images(count: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
     """Stand-ins for the examples' preprocessed images (resized, cropped, in [-1, 1]).
     Random pixels cost the VAE exactly what real ones do."""
     return torch.rand(count, 3, resolution, resolution, generator=generator) * 2.0 - 1.0
 
 
-def _time_steps(step: Callable[[int], float], steps: int, warmup: int, device: torch.device
-                ) -> tuple[list[float], list[float], list[float]]:
+def _time_steps(
+    step: Callable[[int], float], steps: int, warmup: int, device: torch.device
+) -> tuple[list[float], list[float], list[float]]:
     """Run ``warmup`` untimed steps (first-call allocations, optimiser state creation),
     then ``steps`` timed ones.  Returns (timed wall seconds, timed process CPU seconds,
     all losses)."""
@@ -485,8 +494,9 @@ def _time_steps(step: Callable[[int], float], steps: int, warmup: int, device: t
     return times, cpu_times, losses
 
 
-def _base_result(method: str, checkpoint_path: PathLike, resolution: int, steps: int, warmup: int,
-                 batch_size: int, seed: int, device: torch.device) -> dict[str, Any]:
+def _base_result(
+    method: str, checkpoint_path: PathLike, resolution: int, steps: int, warmup: int, batch_size: int, seed: int, device: torch.device
+) -> dict[str, Any]:
     return {
         "impl": "diffusers-reference",
         "method": method,
@@ -503,8 +513,9 @@ def _base_result(method: str, checkpoint_path: PathLike, resolution: int, steps:
     }
 
 
-def _finish_result(result: dict[str, Any], times: list[float], cpu_times: list[float],
-                   losses: list[float], device: torch.device) -> dict[str, Any]:
+def _finish_result(
+    result: dict[str, Any], times: list[float], cpu_times: list[float], losses: list[float], device: torch.device
+) -> dict[str, Any]:
     result.update(_memory_snapshot(device, "end"))
     result["s_per_step"] = round(statistics.fmean(times), 4) if times else float("nan")
     result["s_per_step_median"] = round(statistics.median(times), 4) if times else float("nan")
@@ -523,17 +534,16 @@ def _finish_result(result: dict[str, Any], times: list[float], cpu_times: list[f
     result["peak_rss_train_mb"] = result["peak_rss_end_mb"]
     result["train_overhead_peak_rss_mb"] = round(result["peak_rss_train_mb"] - result["rss_after_load_mb"], 1)
     # Whole process, loading included; resetting VmHWM also resets ru_maxrss, hence the max.
-    result["peak_rss_mb"] = round(max(result["peak_rss_after_load_mb"], result["peak_rss_train_mb"],
-                                      peak_rss_mb()), 1)
+    result["peak_rss_mb"] = round(max(result["peak_rss_after_load_mb"], result["peak_rss_train_mb"], peak_rss_mb()), 1)
     if device.type == "cuda":
         result["cuda_peak_mb"] = result["cuda_peak_end_mb"]
-        result["train_overhead_cuda_peak_mb"] = round(
-            result["cuda_peak_end_mb"] - result["cuda_allocated_after_load_mb"], 1)
+        result["train_overhead_cuda_peak_mb"] = round(result["cuda_peak_end_mb"] - result["cuda_allocated_after_load_mb"], 1)
     return result
 
 
-def _load_for_training(checkpoint_path: PathLike, device: torch.device, result: dict[str, Any],
-                       unet_config: Optional[str] = None) -> tuple[Any, Any, Any, Any, Any]:
+def _load_for_training(
+    checkpoint_path: PathLike, device: torch.device, result: dict[str, Any], unet_config: str | None = None
+) -> tuple[Any, Any, Any, Any, Any]:
     result["unet"] = unet_config or detect_unet(checkpoint_path)
     result.update(_memory_snapshot(device, "before_load"))
     start = time.perf_counter()
@@ -551,6 +561,7 @@ def _load_for_training(checkpoint_path: PathLike, device: torch.device, result: 
 # --------------------------------------------------------------------------------------
 # Textual Inversion (diffusers examples/textual_inversion/textual_inversion.py)
 # --------------------------------------------------------------------------------------
+
 
 def textual_inversion_reference_step(
     *,
@@ -600,11 +611,11 @@ def run_textual_inversion_reference(
     steps: int,
     batch_size: int = 1,
     seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     warmup: int = 1,
     learning_rate: float = TI_LR,
     gradient_checkpointing: bool = False,
-    unet_config: Optional[str] = None,
+    unet_config: str | None = None,
 ) -> dict[str, Any]:
     """Time ``steps`` TI steps after ``warmup`` untimed ones; figures as a flat dict.
 
@@ -624,8 +635,7 @@ def run_textual_inversion_reference(
 
     device = torch.device(device)
     torch.manual_seed(seed)
-    result = _base_result("textual_inversion", checkpoint_path, resolution, steps, warmup,
-                          batch_size, seed, device)
+    result = _base_result("textual_inversion", checkpoint_path, resolution, steps, warmup, batch_size, seed, device)
     result.update({"learning_rate": learning_rate, "gradient_checkpointing": gradient_checkpointing})
     unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
 
@@ -653,8 +663,9 @@ def run_textual_inversion_reference(
         unet.enable_gradient_checkpointing()
     text_encoder.train()
 
-    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=learning_rate,
-                                  betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS)
+    optimizer = torch.optim.AdamW(
+        text_encoder.get_input_embeddings().parameters(), lr=learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS
+    )
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     orig_embeds = text_encoder.get_input_embeddings().weight.data.clone()
     index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool, device=device)
@@ -671,9 +682,17 @@ def run_textual_inversion_reference(
     def step(i: int) -> float:
         idx = [(i * batch_size + j) % pool.shape[0] for j in range(batch_size)]
         return textual_inversion_reference_step(
-            unet=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
-            optimizer=optimizer, lr_scheduler=lr_scheduler, pixel_values=pool[idx], input_ids=input_ids,
-            orig_embeds=orig_embeds, index_no_updates=index_no_updates)
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            noise_scheduler=noise_scheduler,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            pixel_values=pool[idx],
+            input_ids=input_ids,
+            orig_embeds=orig_embeds,
+            index_no_updates=index_no_updates,
+        )
 
     times, cpu_times, losses = _time_steps(step, steps, warmup, device)
     with torch.no_grad():
@@ -688,6 +707,7 @@ def run_textual_inversion_reference(
 # DreamBooth (examples/dreambooth/train_dreambooth.py and train_dreambooth_lora.py)
 # --------------------------------------------------------------------------------------
 
+
 class _ManualLoRALinear(torch.nn.Module):
     """Fallback when peft is missing: y = W x + (alpha/r) * B A x, A ~ N(0, 1/r), B = 0,
     which is peft's init_lora_weights="gaussian" with lora_alpha = r."""
@@ -695,10 +715,8 @@ class _ManualLoRALinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False,
-                                      device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False,
-                                      device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         torch.nn.init.normal_(self.lora_A.weight, std=1.0 / rank)
         torch.nn.init.zeros_(self.lora_B.weight)
         self.scale = alpha / rank
@@ -719,8 +737,7 @@ def add_lora_to_unet(unet: Any, rank: int = DB_LORA_RANK) -> str:
     if peft is not None:
         # What train_dreambooth_lora.py does (its add_k_proj/add_v_proj targets do not
         # exist in an SD1.x UNet, so they are left out).
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(LORA_TARGET_MODULES)))
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES)))
         return f"peft {peft.__version__}"
     replacements = []
     for name, module in unet.named_modules():
@@ -789,12 +806,12 @@ def run_dreambooth_reference(
     prior_preservation: bool = False,
     batch_size: int = 1,
     seed: int = 0,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     warmup: int = 1,
-    learning_rate: Optional[float] = None,
+    learning_rate: float | None = None,
     lora_rank: int = DB_LORA_RANK,
     gradient_checkpointing: bool = False,
-    unet_config: Optional[str] = None,
+    unet_config: str | None = None,
 ) -> dict[str, Any]:
     """Time ``steps`` DreamBooth steps after ``warmup`` untimed ones.
 
@@ -810,10 +827,10 @@ def run_dreambooth_reference(
     device = torch.device(device)
     torch.manual_seed(seed)
     lr = learning_rate if learning_rate is not None else (DB_FULL_LR if mode == "full" else DB_LORA_LR)
-    result = _base_result(f"dreambooth_{mode}", checkpoint_path, resolution, steps, warmup,
-                          batch_size, seed, device)
-    result.update({"mode": mode, "prior_preservation": prior_preservation, "learning_rate": lr,
-                   "gradient_checkpointing": gradient_checkpointing})
+    result = _base_result(f"dreambooth_{mode}", checkpoint_path, resolution, steps, warmup, batch_size, seed, device)
+    result.update(
+        {"mode": mode, "prior_preservation": prior_preservation, "learning_rate": lr, "gradient_checkpointing": gradient_checkpointing}
+    )
     unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
 
     vae.requires_grad_(False)
@@ -848,10 +865,18 @@ def run_dreambooth_reference(
         if class_pool is not None:
             pixel_values = torch.cat([pixel_values, class_pool[idx]], dim=0)
         return dreambooth_reference_step(
-            unet=unet, vae=vae, text_encoder=text_encoder, noise_scheduler=noise_scheduler,
-            optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params,
-            pixel_values=pixel_values, input_ids=input_ids, prior_preservation=prior_preservation,
-            set_grads_to_none=(mode == "lora"))
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            noise_scheduler=noise_scheduler,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            params_to_clip=params,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            prior_preservation=prior_preservation,
+            set_grads_to_none=(mode == "lora"),
+        )
 
     times, cpu_times, losses = _time_steps(step, steps, warmup, device)
     return _finish_result(result, times, cpu_times, losses, device)
@@ -861,11 +886,23 @@ def run_dreambooth_reference(
 # Fresh-process runner and CLI
 # --------------------------------------------------------------------------------------
 
-def reference_command(method: Literal["ti", "db", "check"], *, resolution: int = 64, steps: int = 5,
-                      mode: Literal["full", "lora"] = "full", prior: bool = False, batch_size: int = 1,
-                      seed: int = 0, device: str = "cpu", warmup: int = 1,
-                      checkpoint: Optional[PathLike] = None, gradient_checkpointing: bool = False,
-                      unet: Optional[str] = None, python: str = sys.executable) -> list[str]:
+
+def reference_command(
+    method: Literal["ti", "db", "check"],
+    *,
+    resolution: int = 64,
+    steps: int = 5,
+    mode: Literal["full", "lora"] = "full",
+    prior: bool = False,
+    batch_size: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+    warmup: int = 1,
+    checkpoint: PathLike | None = None,
+    gradient_checkpointing: bool = False,
+    unet: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
     """argv for one measurement in a fresh interpreter (peak RSS is per process).
 
     ``unet`` (a :data:`UNET_CONFIGS` name) picks the diffusers UNet config and, without
@@ -873,8 +910,20 @@ def reference_command(method: Literal["ti", "db", "check"], *, resolution: int =
     detected from ``checkpoint``."""
     cmd = [python, str(Path(__file__).resolve()), f"--{method}"]
     if method != "check":
-        cmd += ["--resolution", str(resolution), "--steps", str(steps), "--batch-size", str(batch_size),
-                "--seed", str(seed), "--device", device, "--warmup", str(warmup)]
+        cmd += [
+            "--resolution",
+            str(resolution),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch_size),
+            "--seed",
+            str(seed),
+            "--device",
+            device,
+            "--warmup",
+            str(warmup),
+        ]
         if method == "db":
             cmd += ["--mode", mode] + (["--prior"] if prior else [])
         if gradient_checkpointing:
@@ -886,7 +935,7 @@ def reference_command(method: Literal["ti", "db", "check"], *, resolution: int =
     return cmd
 
 
-def run_json_command(cmd: Sequence[str], timeout: Optional[float] = None) -> dict[str, Any]:
+def run_json_command(cmd: Sequence[str], timeout: float | None = None) -> dict[str, Any]:
     """Run a measuring process and return the last JSON line it printed (plus ``wall_s``).
 
     Every measurement runs in a process of its own, because peak RSS is per process.
@@ -903,23 +952,25 @@ def run_json_command(cmd: Sequence[str], timeout: Optional[float] = None) -> dic
     return data
 
 
-def run_reference_subprocess(method: Literal["ti", "db", "check"], timeout: Optional[float] = None,
-                             **kwargs: Any) -> dict[str, Any]:
+def run_reference_subprocess(method: Literal["ti", "db", "check"], timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run :func:`reference_command` and return its JSON line (plus ``wall_s``)."""
     return run_json_command(reference_command(method, **kwargs), timeout)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--check", action="store_true", help="diffusers vs ComfyUI max abs differences")
     what.add_argument("--ti", action="store_true", help="textual inversion reference loop")
     what.add_argument("--db", action="store_true", help="DreamBooth reference loop")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="LDM SD1.x .safetensors (default: the cached checkpoint for --unet)")
-    parser.add_argument("--unet", choices=tuple(UNET_CONFIGS), default=None,
-                        help="UNet architecture: 'tiny' (one level, the tests' checkpoint) or 'sd15-full' "
-                             "(the real ~860M-param SD1.5 UNet); default: detected from --checkpoint, else tiny")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="LDM SD1.x .safetensors (default: the cached checkpoint for --unet)")
+    parser.add_argument(
+        "--unet",
+        choices=tuple(UNET_CONFIGS),
+        default=None,
+        help="UNet architecture: 'tiny' (one level, the tests' checkpoint) or 'sd15-full' "
+        "(the real ~860M-param SD1.5 UNet); default: detected from --checkpoint, else tiny",
+    )
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -937,14 +988,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result: dict[str, Any] = check_equivalence(checkpoint, seed=args.seed)
     elif args.ti:
         result = run_textual_inversion_reference(
-            checkpoint, args.resolution, args.steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
-            unet_config=args.unet)
+            checkpoint,
+            args.resolution,
+            args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            warmup=args.warmup,
+            gradient_checkpointing=args.gradient_checkpointing,
+            unet_config=args.unet,
+        )
     else:
         result = run_dreambooth_reference(
-            checkpoint, args.resolution, args.steps, mode=args.mode, prior_preservation=args.prior,
-            batch_size=args.batch_size, seed=args.seed, device=args.device, warmup=args.warmup,
-            gradient_checkpointing=args.gradient_checkpointing, unet_config=args.unet)
+            checkpoint,
+            args.resolution,
+            args.steps,
+            mode=args.mode,
+            prior_preservation=args.prior,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            warmup=args.warmup,
+            gradient_checkpointing=args.gradient_checkpointing,
+            unet_config=args.unet,
+        )
     result["run_s"] = round(time.perf_counter() - start, 2)
     print(json.dumps(result), flush=True)
     return 0

@@ -11,8 +11,10 @@ Chromium) and talks to it in JSON lines.
 ``run_script(url, steps)`` runs a whole script in one ``drive.mjs --script`` call instead.
 See drive.mjs for the commands.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -65,7 +67,7 @@ class Browser:
         if not node:
             raise BrowserError("Node.js is not on PATH")
         self._stderr_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="drive-", suffix=".log")[1])
-        self._stderr = open(self._stderr_path, "w", encoding="utf-8", errors="replace")
+        self._stderr = open(self._stderr_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (open while the driver runs)
         self.proc = subprocess.Popen(
             [node, str(DRIVER), "--serve", "--url", url],
             cwd=BROWSER_DIR,
@@ -167,10 +169,8 @@ class Browser:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(BrowserError, OSError, ValueError):
                 self.raw("close", timeout=30)
-            except (BrowserError, OSError, ValueError):
-                pass
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -178,7 +178,7 @@ class Browser:
                 self.proc.wait(10)
         self._stderr.close()
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,8 +17,10 @@ Usable without pytest::
     with ComfyServer(comfyui_dir) as server:
         print(server.url, server.base_dir)
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -116,15 +118,22 @@ class ComfyServer:
         self._log = None
 
     # -- life cycle -------------------------------------------------------------------------
-    def start(self) -> "ComfyServer":
+    def start(self) -> ComfyServer:
         make_base_dir(self.base_dir, self.settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            self.python, "main.py", "--cpu",
-            "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--dont-print-server",
-            "--base-directory", str(self.base_dir),
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--dont-print-server",
+            "--base-directory",
+            str(self.base_dir),
             *self.extra_args,
         ]
         if not any(a.startswith("--database-url") for a in self.extra_args):
@@ -133,12 +142,17 @@ class ComfyServer:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TQDM_DISABLE", "1")
-        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")
+        self._log = open(self.log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 (open while the server runs)
         self._log.write(f"(cwd {self.comfyui_dir})\n$ " + " ".join(cmd) + "\n")
         self._log.flush()
         self.proc = subprocess.Popen(
-            cmd, cwd=self.comfyui_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            cmd,
+            cwd=self.comfyui_dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             self._wait_ready()
@@ -152,9 +166,7 @@ class ComfyServer:
         last_error = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(
-                    f"ComfyUI exited with code {self.proc.returncode} while starting; log tail:\n{self.log_tail()}"
-                )
+                raise ServerError(f"ComfyUI exited with code {self.proc.returncode} while starting; log tail:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/system_stats", timeout=5) as r:
                     if r.status == 200:
@@ -164,8 +176,7 @@ class ComfyServer:
                 last_error = str(e)
             time.sleep(0.25)
         raise ServerError(
-            f"ComfyUI did not answer /system_stats within {self.startup_timeout:.0f}s ({last_error}); "
-            f"log tail:\n{self.log_tail()}"
+            f"ComfyUI did not answer /system_stats within {self.startup_timeout:.0f}s ({last_error}); log tail:\n{self.log_tail()}"
         )
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -173,17 +184,13 @@ class ComfyServer:
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
                 try:
                     self.proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(self.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     self.proc.wait(10)
             code = self.proc.returncode
         if self._log is not None:
@@ -196,7 +203,7 @@ class ComfyServer:
         if self._own_base:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -226,9 +233,7 @@ class ComfyServer:
             return json.load(r)
 
     def post_json(self, route: str, payload, timeout: float = 30.0):
-        req = urllib.request.Request(
-            self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.load(r)
 

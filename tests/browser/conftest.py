@@ -12,6 +12,7 @@
 Browser tests skip when Node.js, tests/node_modules/playwright-core or Chromium is missing,
 unless PERSONALIZE_REQUIRE_BROWSER=1 (CI), which makes them fail instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,17 +37,13 @@ def browser_required() -> bool:
 
 
 def _comfyui_dir(config) -> Path:
-    """The checkout tests/conftest.py found (it ran find_comfyui() when pytest loaded it)."""
-    parent = str(TESTS_DIR / "conftest.py")
-    for plugin in config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) == parent and hasattr(plugin, "COMFYUI_DIR"):
-            return Path(plugin.COMFYUI_DIR)
-    # tests/conftest.py not loaded (unusual rootdir/confcutdir): same search order, no clone.
-    env = os.environ.get("COMFYUI_PATH")
-    for candidate in ([Path(env)] if env else []) + [Path.home() / ".cache" / "comfyui" / "ComfyUI"]:
-        if (candidate / "main.py").is_file():
-            return candidate
-    pytest.fail("no ComfyUI checkout found (set COMFYUI_PATH)")
+    """The ComfyUI checkout the tests run against (comfyui_runtime's search order)."""
+    import comfyui_runtime
+
+    try:
+        return comfyui_runtime.find_comfyui()
+    except comfyui_runtime.ComfyUINotFound as error:
+        pytest.fail(str(error))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -60,9 +57,7 @@ def pytest_runtest_makereport(item, call):
 def browser_prerequisites() -> str:
     ok, reason = check_prerequisites()
     if not ok:
-        message = (
-            f"browser tests need Node.js, playwright-core (cd tests && npm ci) and Chromium: {reason}"
-        )
+        message = f"browser tests need Node.js, playwright-core (cd tests && npm ci) and Chromium: {reason}"
         if browser_required():
             pytest.fail(message + " [PERSONALIZE_REQUIRE_BROWSER=1]", pytrace=False)
         pytest.skip(message)

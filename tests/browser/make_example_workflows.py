@@ -23,6 +23,7 @@ Every workflow carries a MarkdownNote saying what to set and what it produces. M
 file names are placeholders users replace (v1-5-pruned-emaonly.safetensors, input/my-subject).
 tests/browser/test_example_workflows.py loads each file as drag-and-drop does and runs it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,21 +52,27 @@ NEGATIVE = "blurry, low quality, jpeg artifacts, watermark, text, deformed"
 
 
 def _note(text: str, height: int = 640) -> dict:
-    return {"type": "MarkdownNote", "title": "Read me", "widgets": {"text": text.strip() + "\n"},
-            "size": [440, height], **NOTE_COLOR}
+    return {"type": "MarkdownNote", "title": "Read me", "widgets": {"text": text.strip() + "\n"}, "size": [440, height], **NOTE_COLOR}
 
 
 def _render(prefix: str, positive: str, negative: str = NEGATIVE) -> dict:
     """The nodes of a plain text-to-image render (keys pos, neg, latent, sampler, decode, save)."""
     return {
-        "pos": {"type": "CLIPTextEncode", "title": "Positive prompt", "widgets": {"text": positive},
-                "size": [400, 150], **GREEN},
-        "neg": {"type": "CLIPTextEncode", "title": "Negative prompt", "widgets": {"text": negative},
-                "size": [400, 150], **RED},
+        "pos": {"type": "CLIPTextEncode", "title": "Positive prompt", "widgets": {"text": positive}, "size": [400, 150], **GREEN},
+        "neg": {"type": "CLIPTextEncode", "title": "Negative prompt", "widgets": {"text": negative}, "size": [400, 150], **RED},
         "latent": {"type": "EmptyLatentImage", "widgets": {"width": 512, "height": 512, "batch_size": 1}},
-        "sampler": {"type": "KSampler", "widgets": {"seed": 42, "control_after_generate": "randomize", "steps": 25,
-                                                    "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                                                    "denoise": 1.0}},
+        "sampler": {
+            "type": "KSampler",
+            "widgets": {
+                "seed": 42,
+                "control_after_generate": "randomize",
+                "steps": 25,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "decode": {"type": "VAEDecode"},
         "save": {"type": "SaveImage", "widgets": {"filename_prefix": prefix}, "size": [420, 460]},
     }
@@ -103,27 +110,26 @@ the same name, turn on `overwrite` or change `file_name`.
 """
 
 APPLY_EMBEDDING_NOTE = f"""
-## Apply Embedding: trained words in a prompt and a negative prompt
+## Apply Embedding: a trained word in any workflow
 
-Two **Apply Embedding** nodes in a chain bind two Textual Inversion embeddings to the CLIP:
-- **subject**: `my-subject.safetensors` as `<my-subject>`, used in the positive prompt;
-- **negative**: `bad-quality.safetensors` as `<bad-quality>`, used in the negative prompt
-  (a "negative embedding" trained on, or downloaded for, images you do *not* want).
-
-Both words work in both prompts, because both prompts are encoded with the CLIP at the end of
-the chain. Chain more nodes for more words.
+**Apply Embedding** binds a Textual Inversion embedding to the CLIP under a trigger word:
+`my-subject.safetensors`, the file the *textual_inversion* example writes, as `<my-subject>`.
+Every prompt encoded with the CLIP that comes out of it may use the word, anywhere a word can
+stand (also inside `(word:1.2)` weights).
 
 **Set**
-1. **Load Checkpoint**: the checkpoint family the embeddings were trained on (`{CHECKPOINT}`).
-2. Each **Apply Embedding**: `embedding_file` from `ComfyUI/models/embeddings/` (press R after
-   adding files), and `trigger_word`, the word the prompts use (empty: the name stored in the
-   file). `strength` scales the vectors (1 = as trained; 0.5-0.8 for a weaker effect).
-   Instead of a file, connect a training node's `embedding` output.
-3. Write the prompts with the trigger words, then **Queue**.
+1. **Load Checkpoint**: the checkpoint family the embedding was trained on (`{CHECKPOINT}`).
+2. **Apply Embedding**: `embedding_file` from `ComfyUI/models/embeddings/` (press R after adding
+   files), and `trigger_word`, the word the prompts use (empty: the name stored in the file).
+   `strength` scales the vectors (1 = as trained; 0.5-0.8 for a weaker effect). Instead of a
+   file, connect a training node's `embedding` output.
+3. Write the prompt with the trigger word, then **Queue**.
+
+**More words**: chain more Apply Embedding nodes (each adds its word). A *negative* embedding
+(one trained on, or downloaded for, what you do *not* want) goes in the same chain, and its word
+in the negative prompt: both prompts are encoded with the CLIP at the end of the chain.
 
 **You get** an image of your subject in a new scene, in `ComfyUI/output/apply_embedding/`.
-
-`my-subject.safetensors` is what the *textual_inversion* example writes.
 """
 
 DREAMBOOTH_PRIOR_NOTE = f"""
@@ -190,18 +196,30 @@ Much less memory and disk than a full fine-tune.
 
 def textual_inversion() -> dict:
     return {
-        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"],
-                    ["decode", "save"]],
+        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"], ["decode", "save"]],
         "nodes": {
             "note": _note(TEXTUAL_INVERSION_NOTE, 500),
             "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
             "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
-            "train": {"type": "PersonalizeTrainTextualInversion", "widgets": {
-                "trigger_word": "<my-subject>", "init_text": "*", "vectors_per_token": 1, "steps": 1500,
-                "learning_rate": "0.005", "batch_size": 1, "seed": 0, "control_after_generate": "fixed",
-                "templates": "object", "resolution": 512, "save_every": 500, "file_name": "",
-                "preview_every": 250, "preview_prompt": "a photo of {}",
-            }},
+            "train": {
+                "type": "PersonalizeTrainTextualInversion",
+                "widgets": {
+                    "trigger_word": "<my-subject>",
+                    "init_text": "*",
+                    "vectors_per_token": 1,
+                    "steps": 1500,
+                    "learning_rate": "0.005",
+                    "batch_size": 1,
+                    "seed": 0,
+                    "control_after_generate": "fixed",
+                    "templates": "object",
+                    "resolution": 512,
+                    "save_every": 500,
+                    "file_name": "",
+                    "preview_every": 250,
+                    "preview_prompt": "a photo of {}",
+                },
+            },
             **_render("textual_inversion/my-subject", "a photo of <my-subject> on a beach, golden hour, detailed"),
             "loss": {"type": "PreviewImage", "title": "Loss curve", "size": [400, 330]},
         },
@@ -226,25 +244,21 @@ def textual_inversion() -> dict:
 
 def apply_embedding() -> dict:
     return {
-        "columns": [["note", "ckpt"], ["subject", "negative"], ["pos", "neg", "latent"], ["sampler"],
-                    ["decode", "save"]],
+        "columns": [["note", "ckpt"], ["subject"], ["pos", "neg", "latent"], ["sampler"], ["decode", "save"]],
         "nodes": {
-            "note": _note(APPLY_EMBEDDING_NOTE, 440),
+            "note": _note(APPLY_EMBEDDING_NOTE, 480),
             "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
-            "subject": {"type": "PersonalizeApplyEmbedding", "title": "Apply Embedding (subject)", "widgets": {
-                "embedding_file": "my-subject.safetensors", "trigger_word": "<my-subject>", "strength": 1.0},
-                "size": [360, 130]},
-            "negative": {"type": "PersonalizeApplyEmbedding", "title": "Apply Embedding (negative)", "widgets": {
-                "embedding_file": "bad-quality.safetensors", "trigger_word": "<bad-quality>", "strength": 1.0},
-                "size": [360, 130]},
-            **_render("apply_embedding/my-subject", "a photo of <my-subject> in a snowy forest, detailed, sharp focus",
-                      "<bad-quality>, blurry, watermark"),
+            "subject": {
+                "type": "PersonalizeApplyEmbedding",
+                "widgets": {"embedding_file": "my-subject.safetensors", "trigger_word": "<my-subject>", "strength": 1.0},
+                "size": [360, 130],
+            },
+            **_render("apply_embedding/my-subject", "a photo of <my-subject> in a snowy forest, detailed, sharp focus"),
         },
         "links": [
             ("ckpt", "CLIP", "subject", "clip"),
-            ("subject", "clip", "negative", "clip"),
-            ("negative", "clip", "pos", "clip"),
-            ("negative", "clip", "neg", "clip"),
+            ("subject", "clip", "pos", "clip"),
+            ("subject", "clip", "neg", "clip"),
             ("ckpt", "MODEL", "sampler", "model"),
             ("pos", "CONDITIONING", "sampler", "positive"),
             ("neg", "CONDITIONING", "sampler", "negative"),
@@ -258,15 +272,23 @@ def apply_embedding() -> dict:
 
 def _dreambooth(note: str, note_height: int, settings: dict, prompt: str, prefix: str) -> dict:
     return {
-        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"],
-                    ["decode", "save", "status"]],
+        "columns": [["note", "ckpt", "images"], ["train"], ["pos", "neg", "latent"], ["sampler", "loss"], ["decode", "save", "status"]],
         "nodes": {
             "note": _note(note, note_height),
             "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": CHECKPOINT}, "size": [440, 100]},
             "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
-            "train": {"type": "PersonalizeDreamBoothFinetune", "size": [400, 0], "widgets": {
-                "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "identifier": "",
-                "seed": 0, "control_after_generate": "fixed", **settings}},
+            "train": {
+                "type": "PersonalizeDreamBoothFinetune",
+                "size": [400, 0],
+                "widgets": {
+                    "instance_prompt": "a photo of sks dog",
+                    "class_prompt": "a photo of dog",
+                    "identifier": "",
+                    "seed": 0,
+                    "control_after_generate": "fixed",
+                    **settings,
+                },
+            },
             **_render(prefix, prompt),
             "loss": {"type": "PreviewImage", "title": "Loss curve", "size": [400, 330]},
             "status": {"type": "PreviewAny", "title": "Training notes", "size": [420, 200]},
@@ -293,22 +315,49 @@ def _dreambooth(note: str, note_height: int, settings: dict, prompt: str, prefix
 
 def dreambooth_prior_preservation() -> dict:
     return _dreambooth(
-        DREAMBOOTH_PRIOR_NOTE, 600,
-        {"mode": "full", "prior_preservation": True, "num_class_images": 100, "prior_loss_weight": 1.0,
-         "steps": 800, "learning_rate": "auto", "train_text_encoder": False, "pivotal_tuning": False,
-         "resolution": 512, "class_steps": 30, "preview_every": 100, "preview_prompt": ""},
-        "a photo of sks dog in a bucket", "dreambooth/sks-dog",
+        DREAMBOOTH_PRIOR_NOTE,
+        600,
+        {
+            "mode": "full",
+            "prior_preservation": True,
+            "num_class_images": 100,
+            "prior_loss_weight": 1.0,
+            "steps": 800,
+            "learning_rate": "auto",
+            "train_text_encoder": False,
+            "pivotal_tuning": False,
+            "resolution": 512,
+            "class_steps": 30,
+            "preview_every": 100,
+            "preview_prompt": "",
+        },
+        "a photo of sks dog in a bucket",
+        "dreambooth/sks-dog",
     )
 
 
 def dreambooth_lora_pivotal() -> dict:
     return _dreambooth(
-        DREAMBOOTH_LORA_NOTE, 600,
-        {"mode": "lora", "prior_preservation": True, "num_class_images": 100, "steps": 800, "learning_rate": "auto",
-         "lora_rank": 16, "lora_alpha": 16.0, "lora_targets": "attention", "train_text_encoder": False,
-         "pivotal_tuning": True, "embedding_learning_rate": "auto", "resolution": 512, "preview_every": 100,
-         "preview_prompt": ""},
-        "a watercolor painting of sks dog", "dreambooth/sks-dog-lora",
+        DREAMBOOTH_LORA_NOTE,
+        600,
+        {
+            "mode": "lora",
+            "prior_preservation": True,
+            "num_class_images": 100,
+            "steps": 800,
+            "learning_rate": "auto",
+            "lora_rank": 16,
+            "lora_alpha": 16.0,
+            "lora_targets": "attention",
+            "train_text_encoder": False,
+            "pivotal_tuning": True,
+            "embedding_learning_rate": "auto",
+            "resolution": 512,
+            "preview_every": 100,
+            "preview_prompt": "",
+        },
+        "a watercolor painting of sks dog",
+        "dreambooth/sks-dog-lora",
     )
 
 
@@ -467,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         args.out.mkdir(parents=True, exist_ok=True)
                         target.write_text(text, encoding="utf-8")
-                        print(f"{name}: wrote {target} ({len(workflow['nodes'])} nodes, "
-                              f"{len(workflow['links'])} links; user files: {files})")
+                        print(
+                            f"{name}: wrote {target} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links; user files: {files})"
+                        )
                 errors = browser.errors()["pageErrors"]
                 if errors:
                     print(f"page errors: {errors}", file=sys.stderr)

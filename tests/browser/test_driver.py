@@ -2,6 +2,7 @@
 
 Core nodes only (no model files), so these run anywhere the browser tests run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,19 +15,37 @@ def _image_workflow(width=64, prefix="personalize_driver_test"):
         "last_link_id": 1,
         "nodes": [
             {
-                "id": 1, "type": "EmptyImage", "pos": [50, 50], "size": [315, 130], "flags": {}, "order": 0,
-                "mode": 0, "inputs": [],
+                "id": 1,
+                "type": "EmptyImage",
+                "pos": [50, 50],
+                "size": [315, 130],
+                "flags": {},
+                "order": 0,
+                "mode": 0,
+                "inputs": [],
                 "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1], "slot_index": 0}],
-                "properties": {}, "widgets_values": [width, 64, 1, 0],
+                "properties": {},
+                "widgets_values": [width, 64, 1, 0],
             },
             {
-                "id": 2, "type": "SaveImage", "pos": [420, 50], "size": [315, 270], "flags": {}, "order": 1,
-                "mode": 0, "inputs": [{"name": "images", "type": "IMAGE", "link": 1}], "outputs": [],
-                "properties": {}, "widgets_values": [prefix],
+                "id": 2,
+                "type": "SaveImage",
+                "pos": [420, 50],
+                "size": [315, 270],
+                "flags": {},
+                "order": 1,
+                "mode": 0,
+                "inputs": [{"name": "images", "type": "IMAGE", "link": 1}],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [prefix],
             },
         ],
         "links": [[1, 1, 0, 2, 0, "IMAGE"]],
-        "groups": [], "config": {}, "extra": {}, "version": 0.4,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
     }
 
 
@@ -51,8 +70,10 @@ def test_missing_node_types_are_reported(browser):
     loaded = browser.load(wf)
     assert not loaded["ok"]
     assert loaded["missingNodeTypes"] == ["DefinitelyNotARealNodeType"]
-    assert loaded["missingNodesDialog"] is not None
-    assert "DefinitelyNotARealNodeType" in loaded["missingNodesDialog"]["types"]
+    version = tuple(int(p) for p in browser.eval("window.__COMFYUI_FRONTEND_VERSION__").split(".")[:2])
+    if version < (1, 30):  # later front ends list missing nodes in a panel of their own, not a dialog
+        assert loaded["missingNodesDialog"] is not None
+        assert "DefinitelyNotARealNodeType" in loaded["missingNodesDialog"]["types"]
     browser.close_dialogs()
     assert browser.dialogs()["dialogs"] == []
 

@@ -9,6 +9,7 @@ for the run and check the files it wrote and the outputs ComfyUI reports.
 Regenerate the examples with tests/browser/make_example_workflows.py when inputs change.
 The helpers here are reused by test_training_progress_live.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ IMAGES_FOLDER = "e2e-subject"  # under the test server's input/
 FRONTEND_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 TITLE_HEIGHT = 30
 
+
 # Tiny settings, by node type and widget name, applied to every node of that type.
 def tiny_settings(checkpoint: str) -> dict[str, dict]:
     return {
@@ -35,8 +37,14 @@ def tiny_settings(checkpoint: str) -> dict[str, dict]:
         # preview_every 0: a preview is a 20-step sampling run, too slow on a CPU for this test
         "PersonalizeTrainTextualInversion": {"resolution": 64, "steps": 2, "preview_every": 0, "save_every": 0},
         "PersonalizeDreamBoothFinetune": {
-            "resolution": 64, "steps": 2, "num_class_images": 2, "class_steps": 2, "lora_rank": 2, "lora_alpha": 2.0,
-            "save_every": 0, "preview_every": 0,
+            "resolution": 64,
+            "steps": 2,
+            "num_class_images": 2,
+            "class_steps": 2,
+            "lora_rank": 2,
+            "lora_alpha": 2.0,
+            "save_every": 0,
+            "preview_every": 0,
         },
         "KSampler": {"steps": 2},
         "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
@@ -178,7 +186,7 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is no mapping)
 
 
 def assert_success(result: dict) -> None:
@@ -191,15 +199,6 @@ def assert_success(result: dict) -> None:
 @pytest.fixture(scope="module")
 def e2e(comfy_server, browser):
     files = install_test_files(comfy_server.base_dir)
-    # The negative embedding apply_embedding.json uses (random 768-wide vectors: SD1.5's CLIP-L).
-    import torch
-    from safetensors.torch import save_file
-
-    embeddings = Path(comfy_server.base_dir) / "models" / "embeddings"
-    generator = torch.Generator().manual_seed(0)
-    target = embeddings / "bad-quality.safetensors"
-    if not target.exists():
-        save_file({"emb_params": torch.randn(2, 768, generator=generator) * 0.01}, str(target))
     refresh_combos(browser)
     return {**files, "base": Path(comfy_server.base_dir), "settings": tiny_settings(files["checkpoint"])}
 
@@ -271,11 +270,10 @@ def test_example_file_is_a_tidy_ui_workflow(name, comfy_server):
     assert "Load Checkpoint" in text and "You get" in text
 
     nodes = {n["id"]: n for n in wf["nodes"]}
-    boxes = {i: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT)
-             for i, n in nodes.items()}
+    boxes = {i: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT) for i, n in nodes.items()}
     ids = sorted(boxes)
     for a_i, a in enumerate(ids):
-        for b in ids[a_i + 1:]:
+        for b in ids[a_i + 1 :]:
             ax, ay, aw, ah = boxes[a]
             bx, by, bw, bh = boxes[b]
             overlap = ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
@@ -300,9 +298,20 @@ def test_example_file_is_what_the_generator_builds(name, browser):
 
     browser.close_dialogs()
     built, _unlisted = make_example_workflows.build(browser, name)
-    assert make_example_workflows.dumps(built) == (EXAMPLES_DIR / f"{name}.json").read_text(encoding="utf-8"), (
+    assert _comparable(built) == _comparable(example(name)), (
         f"example_workflows/{name}.json is out of date: run python tests/browser/make_example_workflows.py"
     )
+
+
+def _comparable(workflow: dict) -> dict:
+    """A workflow as what it means: ComfyUI versions differ in the unconnected outputs their core
+    nodes declare (SaveImage has an 'images' output since v0.2x) and in the type a link to a
+    core node's "*" input records (PreviewAny's is STRING since v0.2x); loading ignores both."""
+    out = json.loads(json.dumps(workflow))
+    for node in out["nodes"]:
+        node["outputs"] = [o for o in node.get("outputs", []) if o.get("links")]
+    out["links"] = [link[:5] for link in out["links"]]
+    return out
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -315,7 +324,7 @@ def test_textual_inversion_example(browser, comfy_server, e2e):
     # the embedding, named after the trigger word (what apply_embedding.json expects)
     path = base / "models" / "embeddings" / "my-subject.safetensors"
     assert path.is_file()
-    tensors, metadata = read_safetensors(path)
+    tensors, _metadata = read_safetensors(path)
     assert list(tensors) == ["emb_params"] and tuple(tensors["emb_params"].shape) == (1, 768)
     assert all(math.isfinite(float(v)) for v in tensors["emb_params"].flatten()[:50])
     # the render with the trained CLIP, and the loss curve
@@ -334,31 +343,24 @@ def test_textual_inversion_example(browser, comfy_server, e2e):
 
 
 def test_apply_embedding_example(browser, comfy_server, e2e):
+    """Runs on a fresh install after README's steps: the textual_inversion example wrote the file."""
     base = e2e["base"]
     subject = base / "models" / "embeddings" / "my-subject.safetensors"
-    if not subject.exists():  # this test alone: no trained one from the test above
-        import torch
-        from safetensors.torch import save_file
-
-        save_file({"emb_params": torch.randn(1, 768, generator=torch.Generator().manual_seed(1)) * 0.01}, str(subject))
+    if not subject.exists():  # this test alone: train the file the way README says, with the example
+        test_textual_inversion_example(browser, comfy_server, e2e)
     refresh_combos(browser)  # the new file in the embedding_file lists
     _prepare(browser, comfy_server, e2e, "apply_embedding")
-    applied = node_ids(browser, "PersonalizeApplyEmbedding")
-    assert len(applied) == 2
+    applied = _only(node_ids(browser, "PersonalizeApplyEmbedding"))
     result = _queue(browser, timeout=300)
     save = _only(node_ids(browser, "SaveImage"))
     [image] = _images(e2e, result, save)
     assert image.parent == base / "output" / "apply_embedding" and image.name.startswith("my-subject")
-    # both prompts were encoded with the CLIP at the end of the chain, holding both words
+    # both prompts were encoded with the CLIP that knows the word, and the positive one uses it
     prompt = browser.eval("app.graphToPrompt().then((p) => p.output)")
-    words = {prompt[str(i)]["inputs"]["trigger_word"] for i in applied}
-    assert words == {"<my-subject>", "<bad-quality>"}
+    assert prompt[str(applied)]["inputs"]["trigger_word"] == "<my-subject>"
     encoders = [i for i, n in prompt.items() if n["class_type"] == "CLIPTextEncode"]
-    texts = {prompt[i]["inputs"]["text"].split(",")[0] for i in encoders}
-    assert any("<my-subject>" in t for t in texts) and any("<bad-quality>" in t for t in texts)
-    chain_end = [i for i in map(str, applied) if prompt[i]["inputs"]["clip"][0] in map(str, applied)]
-    assert len(chain_end) == 1
-    assert all(prompt[i]["inputs"]["clip"][0] == chain_end[0] for i in encoders)
+    assert any("<my-subject>" in prompt[i]["inputs"]["text"] for i in encoders)
+    assert all(prompt[i]["inputs"]["clip"][0] == str(applied) for i in encoders)
 
 
 def _dreambooth_status(result, browser) -> str:

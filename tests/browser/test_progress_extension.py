@@ -3,6 +3,7 @@
 Synthetic `personalize.training` messages go through the front end's api object (the
 listener path the server's websocket messages take), and through a fake websocket frame.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,10 +56,10 @@ WORKFLOW = {
 }
 
 # The widget of node `arg` (id), as the tests see it.
-WIDGET_STATE = """
-(() => {
+WIDGET_STATE = f"""
+(() => {{
   const node = app.graph.getNodeById(arg);
-  const w = node?.widgets?.find((w) => w.name === "%s");
+  const w = node?.widgets?.find((w) => w.name === "{WIDGET}");
   if (!w) return null;
   const el = w.element, canvas = el.querySelector("canvas");
   const r = el.getBoundingClientRect();
@@ -67,21 +68,21 @@ WIDGET_STATE = """
   const [nx, ny] = app.canvas.ds.convertOffsetToCanvas([x, y]);
   const s = app.canvas.ds.scale;
   let inked = 0;
-  if (canvas && canvas.width > 1) {
+  if (canvas && canvas.width > 1) {{
     const px = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
     for (let i = 3; i < px.length; i += 4) if (px[i] > 0) inked++;
-  }
-  return {
-    className: el.className, data: { ...el.dataset }, text: el.innerText,
+  }}
+  return {{
+    className: el.className, data: {{ ...el.dataset }}, text: el.innerText,
     points: canvas?.dataset.points ?? null, series: canvas?.dataset.series ?? null,
     yLabels: canvas?.dataset.yLabels ?? null,
     displayed: el.isConnected && getComputedStyle(el).display !== "none" && r.width > 0,
     inked, serializeFlag: w.serialize, optionsSerialize: w.options?.serialize,
     elRect: [r.left, r.top, r.right, r.bottom],
     nodeRect: [c.left + nx, c.top + ny, c.left + nx + width * s, c.top + ny + height * s],
-  };
-})()
-""" % WIDGET
+  }};
+}})()
+"""
 
 
 def widget_state(browser, node_id):
@@ -164,7 +165,7 @@ def test_progress_widget_follows_messages(browser, workflow_loaded):
     assert st["series"] == "3"  # smoothed + instance + prior
     assert "step 120 / 300" in st["text"]
     assert "loss 0.0417" in st["text"]  # 3 significant digits
-    assert f"smoothed {float('%.3g' % last['loss_smoothed']):g}" in st["text"]
+    assert f"smoothed {float('{:.3g}'.format(last['loss_smoothed'])):g}" in st["text"]
     assert "2:05" in st["text"]  # elapsed 124.8 s
     assert "ETA 3:07" in st["text"]  # 187.2 s
     assert "instance 0.0375" in st["text"] and "prior 0.128" in st["text"]
@@ -212,9 +213,7 @@ def test_status_changes_and_new_runs_reset(browser, workflow_loaded):
     assert widget_state(browser, 5)["points"] == "50"
 
     browser.dispatch(EVENT, {**msgs[-1], "status": "done", "step": 100, "eta_s": 0, "points": [[100, 0.3]]})
-    browser.wait(
-        "app.graph.getNodeById(5).widgets.find((w) => w.name === arg).element.dataset.status === 'done'", arg=WIDGET
-    )
+    browser.wait("app.graph.getNodeById(5).widgets.find((w) => w.name === arg).element.dataset.status === 'done'", arg=WIDGET)
     st = widget_state(browser, 5)
     assert st["points"] == "51" and st["data"]["step"] == "100" and "step 100 / 100" in st["text"]
 
@@ -240,8 +239,19 @@ def test_status_changes_and_new_runs_reset(browser, workflow_loaded):
     wait_step(browser, 5, 4)
     browser.dispatch(
         EVENT,
-        {"node": "5", "kind": "dreambooth", "status": "cancelled", "step": 4, "total": 100, "loss": None,
-         "loss_smoothed": None, "losses": {}, "elapsed_s": 30, "eta_s": None, "points": []},
+        {
+            "node": "5",
+            "kind": "dreambooth",
+            "status": "cancelled",
+            "step": 4,
+            "total": 100,
+            "loss": None,
+            "loss_smoothed": None,
+            "losses": {},
+            "elapsed_s": 30,
+            "eta_s": None,
+            "points": [],
+        },
     )
     browser.wait(
         "app.graph.getNodeById(5).widgets.find((w) => w.name === arg).element.dataset.status === 'cancelled'",
@@ -292,8 +302,18 @@ def test_many_points_are_downsampled(browser, workflow_loaded):
     for i in range(0, 5000, 500):
         browser.dispatch(
             EVENT,
-            {"node": "5", "kind": "textual_inversion", "status": "running", "step": i + 500, "total": 5000,
-             "loss": 0.2, "loss_smoothed": pts[i + 499][1], "elapsed_s": 1, "eta_s": 1, "points": pts[i:i + 500]},
+            {
+                "node": "5",
+                "kind": "textual_inversion",
+                "status": "running",
+                "step": i + 500,
+                "total": 5000,
+                "loss": 0.2,
+                "loss_smoothed": pts[i + 499][1],
+                "elapsed_s": 1,
+                "eta_s": 1,
+                "points": pts[i : i + 500],
+            },
         )
     wait_step(browser, 5, 5000)
     n = int(widget_state(browser, 5)["points"])
@@ -304,15 +324,13 @@ def test_websocket_frames_reach_the_widget(browser, workflow_loaded):
     """A frame on the app's websocket, parsed by the front end's own message handler."""
     errors_before = len(page_errors(browser))
     frame = {"type": EVENT, "data": {**messages("5", total=40, count=1, per=4)[0]}}
-    browser.exec(
-        "api.socket.dispatchEvent(new MessageEvent('message', { data: arg }));", arg=json.dumps(frame)
-    )
+    browser.exec("api.socket.dispatchEvent(new MessageEvent('message', { data: arg }));", arg=json.dumps(frame))
     wait_step(browser, 5, 4)
     assert widget_state(browser, 5)["points"] == "4"
     # Python's json.dumps writes NaN for float('nan'): not JSON, the front end drops the frame
     browser.exec(
         "api.socket.dispatchEvent(new MessageEvent('message', { data: arg }));",
-        arg='{"type": "%s", "data": {"node": "5", "step": 8, "total": 40, "loss": NaN}}' % EVENT,
+        arg=f'{{"type": "{EVENT}", "data": {{"node": "5", "step": 8, "total": 40, "loss": NaN}}}}',
     )
     browser.cmd("sleep", ms=300)
     assert widget_state(browser, 5)["data"]["step"] == "4"
@@ -322,13 +340,38 @@ def test_websocket_frames_reach_the_widget(browser, workflow_loaded):
 def test_malformed_messages_never_break_the_app(browser, workflow_loaded):
     errors_before = len(page_errors(browser))
     bad = [
-        None, "a string", 42, [], {}, {"node": None}, {"node": "999"}, {"node": "12:5"}, {"node": "5:1"},
-        {"node": "__proto__"}, {"node": "constructor"}, {"node": {"id": 5}}, {"node": [5]},
+        None,
+        "a string",
+        42,
+        [],
+        {},
+        {"node": None},
+        {"node": "999"},
+        {"node": "12:5"},
+        {"node": "5:1"},
+        {"node": "__proto__"},
+        {"node": "constructor"},
+        {"node": {"id": 5}},
+        {"node": [5]},
         {"node": "5"},  # nothing but the id
-        {"node": "5", "step": "abc", "total": None, "status": 7, "kind": ["x"], "losses": "nope",
-         "points": "nope", "elapsed_s": "soon", "eta_s": {}},
-        {"node": "5", "step": 3, "total": 9, "points": [None, "x", [1], [None, 2], ["2", "0.5"], [3, None], {}],
-         "losses": {"a": "x", "b": None, "c": [1]}},
+        {
+            "node": "5",
+            "step": "abc",
+            "total": None,
+            "status": 7,
+            "kind": ["x"],
+            "losses": "nope",
+            "points": "nope",
+            "elapsed_s": "soon",
+            "eta_s": {},
+        },
+        {
+            "node": "5",
+            "step": 3,
+            "total": 9,
+            "points": [None, "x", [1], [None, 2], ["2", "0.5"], [3, None], {}],
+            "losses": {"a": "x", "b": None, "c": [1]},
+        },
     ]
     for detail in bad:
         assert browser.dispatch(EVENT, detail) is True
@@ -370,9 +413,7 @@ def test_training_nodes_have_a_hidden_widget_from_creation(browser, comfy_server
     browser.close_dialogs()
     browser.load(copy.deepcopy(WORKFLOW))
     for node_type in registered:
-        node_id = browser.exec(
-            "const n = LiteGraph.createNode(arg); n.pos = [100, 300]; app.graph.add(n); return n.id;", arg=node_type
-        )
+        node_id = browser.exec("const n = LiteGraph.createNode(arg); n.pos = [100, 300]; app.graph.add(n); return n.id;", arg=node_type)
         st = widget_state(browser, node_id)
         assert st is not None, f"{node_type} has no progress widget at creation"
         assert "pp-empty" in st["className"] and not st["displayed"]
@@ -455,8 +496,18 @@ def test_axis_labels_stay_distinct_on_a_narrow_loss_range(browser, workflow_load
     """A loss that only moves in its fourth digit still gets one label per grid line."""
     errors_before = len(page_errors(browser))
     points = [[s, round(0.10012 + 0.00004 * math.sin(s), 6)] for s in range(1, 41)]
-    message = {"node": "5", "kind": "textual_inversion", "status": "running", "step": 40, "total": 40,
-               "loss": points[-1][1], "loss_smoothed": points[-1][1], "elapsed_s": 4.0, "eta_s": 0.0, "points": points}
+    message = {
+        "node": "5",
+        "kind": "textual_inversion",
+        "status": "running",
+        "step": 40,
+        "total": 40,
+        "loss": points[-1][1],
+        "loss_smoothed": points[-1][1],
+        "elapsed_s": 4.0,
+        "eta_s": 0.0,
+        "points": points,
+    }
     assert browser.dispatch(EVENT, message) is True
     wait_step(browser, 5, 40)
     browser.wait(

@@ -6,6 +6,7 @@ while it trains, then the end of the run; and Cancel (ComfyUI's interrupt) mid-r
 Leaves tests/artifacts/training-progress.png: the training node mid-run (web/docs/ holds a
 copy picked for the README).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,9 @@ import time
 import pytest
 from comfy_process import ARTIFACTS_DIR
 from test_example_workflows import (
+    example,
     install_test_files,
     load_workflow,
-    example,
     node_ids,
     read_safetensors,
     refresh_combos,

@@ -1,0 +1,138 @@
+"""Results as ComfyUI objects and files: tuned MODEL/CLIP clones, LoRA names, saved files.
+
+Every file is written atomically (a temporary file renamed over the target) into the first
+folder of its ComfyUI kind, under a name that cannot leave it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import comfy.lora
+import comfy.model_management
+import comfy.sd
+import safetensors.torch
+import torch
+
+from ..core.embedding_file import EmbeddingFile, write_embedding
+from ..core.files import atomic_write
+from . import folders, tokens
+
+
+def model_with_diffs(model: Any, diffs: Mapping[str, torch.Tensor]) -> Any:
+    """A clone of the MODEL (or CLIP) carrying ``diffs`` as ComfyUI "diff" patches."""
+    patched = model.clone()
+    added = patched.add_patches({k: ("diff", (v,)) for k, v in diffs.items()}, 1.0)
+    missing = set(diffs) - set(added)
+    if missing:
+        raise RuntimeError(f"{len(missing)} tuned weights have no place in the model, e.g. {sorted(missing)[0]}")
+    return patched
+
+
+def apply_lora_tensors(model: Any, clip: comfy.sd.CLIP | None, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
+    """The MODEL (and CLIP) with a LoRA state dict applied exactly as LoraLoader applies a file."""
+    return comfy.sd.load_lora_for_models(model, clip, dict(tensors), 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- LoRA names
+
+
+def _preferred(candidates: Iterable[str], preferences: Iterable[str]) -> str | None:
+    candidates = sorted(candidates)
+    for prefix in preferences:
+        for name in candidates:
+            if name.startswith(prefix):
+                return name
+    return None
+
+
+def unet_lora_names(model: Any, keys: Iterable[str]) -> dict[str, str]:
+    """kohya LoRA names for diffusion-model weights, as ComfyUI's LoraLoader maps them back.
+
+    The diffusers-style name (``lora_unet_down_blocks_0_attentions_0_...``, what kohya and
+    AUTOMATIC1111 write) where ComfyUI knows one, else ComfyUI's LDM-style ``lora_unet_...``.
+    """
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    reverse: dict[str, list[str]] = {}
+    for lora_name, model_key in key_map.items():
+        if lora_name.startswith("lora_unet_"):
+            reverse.setdefault(model_key, []).append(lora_name)
+    names = {}
+    for key in keys:
+        ldm = "lora_unet_" + key[len("diffusion_model.") : -len(".weight")].replace(".", "_")
+        others = [n for n in reverse.get(key, []) if n != ldm]
+        names[key] = sorted(others)[0] if others else ldm
+        if key_map.get(names[key]) != key:
+            raise RuntimeError(f"LoRA name {names[key]} would not load back onto {key}")
+    return names
+
+
+def clip_lora_names(clip: comfy.sd.CLIP, keys: Iterable[str]) -> dict[str, str]:
+    """kohya text-encoder LoRA names (``lora_te_`` for one encoder, ``lora_te1_``/``lora_te2_`` for SDXL)."""
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    reverse: dict[str, list[str]] = {}
+    for lora_name, model_key in key_map.items():
+        reverse.setdefault(model_key, []).append(lora_name)
+    several = len(tokens.sub_tokenizers(clip)) > 1
+    preferences = ("lora_te1_", "lora_te2_", "lora_te_") if several else ("lora_te_", "lora_te1_")
+    names = {}
+    for key in keys:
+        name = _preferred(reverse.get(key, []), preferences) or "text_encoders." + key[: -len(".weight")]
+        if key_map.get(name) != key:
+            raise RuntimeError(f"LoRA name {name} would not load back onto {key}")
+        names[key] = name
+    return names
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_embedding_file(embedding: EmbeddingFile, name: str, **kwargs: Any) -> Path:
+    """Write an embedding into the first embeddings folder (extra_model_paths.yaml honoured)."""
+    return write_embedding(embedding, folders.first_folder("embeddings"), name, **kwargs)
+
+
+def save_lora_file(tensors: Mapping[str, torch.Tensor], name: str, *, overwrite: bool, metadata: Mapping[str, str]) -> Path:
+    content = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(
+        folders.target("lora", name),
+        lambda temp: safetensors.torch.save_file(content, str(temp), metadata=dict(metadata)),
+        overwrite=overwrite,
+    )
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+        return dict(handle.metadata() or {})
+
+
+def read_lora_file(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA from models/loras: (tensors, metadata). safetensors only: nothing is unpickled."""
+    path = folders.file_path("loras", name)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path.name}: resuming reads .safetensors LoRA files only")
+    return safetensors.torch.load_file(str(path), device="cpu"), _metadata(path)
+
+
+def save_checkpoint_file(model: Any, clip: comfy.sd.CLIP, vae: Any, name: str, *, overwrite: bool, metadata: Mapping[str, str]) -> Path:
+    """A checkpoint CheckpointLoaderSimple loads: ComfyUI's own save_checkpoint, written atomically."""
+    if not hasattr(clip, "state_dict_for_saving"):
+        # ComfyUI before its lazy per-weight saving (0.2x) reads the CLIP's state dict before
+        # it loads the models: load (and patch) the CLIP first, so its tuned weights are written.
+        comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
+
+    def write(temp: Path) -> None:
+        comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae, metadata=dict(metadata))
+
+    return atomic_write(folders.target("checkpoint", name), write, overwrite=overwrite)
+
+
+def read_checkpoint(name: str, with_clip: bool) -> tuple[dict[str, str], Any, comfy.sd.CLIP | None]:
+    """A checkpoint from models/checkpoints, loaded by ComfyUI's own loader: (metadata, MODEL, CLIP or None)."""
+    path = folders.file_path("checkpoints", name)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path.name}: resuming reads .safetensors checkpoints only")
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=with_clip)[:2]
+    return _metadata(path), model, clip if with_clip else None
