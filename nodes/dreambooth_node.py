@@ -7,6 +7,7 @@ from .comfy_bridge.diffusion_model import LORA_TARGET_CHOICES
 from .core.loss_curve import draw_loss_curve
 from .graph_types import CATEGORY
 from .node_inputs import IMAGES_TOOLTIP, file_hash, image_inputs, resolution_input, shared, training_images
+from .scaleout import launcher
 from .training.dreambooth import NO_RESUME, DreamBoothSettings, train_dreambooth
 
 NO_RESUME_CHOICE = "(none: start fresh)"
@@ -236,6 +237,8 @@ class DreamBoothFinetune:
                     },
                 ),
                 "precision": shared("precision"),
+                "devices": shared("devices"),
+                "accelerate_config": shared("accelerate_config"),
             },
             "optional": {
                 **image_inputs("Instance images: photos of your subject. " + IMAGES_TOOLTIP),
@@ -275,6 +278,8 @@ class DreamBoothFinetune:
         vae,
         aspect_buckets: bool = True,
         resume_from: str = NO_RESUME_CHOICE,
+        devices: str = "",
+        accelerate_config: str = "",
         images=None,
         image_set=None,
         class_images=None,
@@ -282,15 +287,15 @@ class DreamBoothFinetune:
         **settings,
     ):
         resume = NO_RESUME if resume_from == NO_RESUME_CHOICE else resume_from
-        result = train_dreambooth(
-            model,
-            clip,
-            vae,
-            training_images(images, image_set),
-            DreamBoothSettings(bucketing=aspect_buckets, resume_from=resume, **settings),
-            class_images=class_images,
-            node_id=unique_id,
-        )
+        listed = launcher.check_devices(devices, accelerate_config)
+        images_given = training_images(images, image_set)
+        training_settings = DreamBoothSettings(bucketing=aspect_buckets, resume_from=resume, **settings)
+        if launcher.distributed(listed):
+            result = launcher.train_dreambooth(
+                model, clip, vae, images_given, training_settings, listed, accelerate_config, class_images, unique_id
+            )
+        else:
+            result = train_dreambooth(model, clip, vae, images_given, training_settings, class_images=class_images, node_id=unique_id)
         raw = {k: v for k, v in result.losses.raw.items() if k != "loss"}
         smoothed = {k: v for k, v in result.losses.smoothed.items() if k != "loss"}
         curve = draw_loss_curve(

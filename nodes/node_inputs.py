@@ -82,6 +82,20 @@ SHARED_INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
             "tooltip": "Render a preview on the node every N steps and at the end (0: off), with the model being trained: no copy of it. Costs a 20-step sampling run each time.",
         },
     ),
+    "devices": (
+        "STRING",
+        {
+            "default": "",
+            "tooltip": "Train on several devices at once: cuda:0,cuda:1 (or 0,1) starts one worker process per GPU (torchrun) that share every step; cpu,cpu two CPU workers. Empty (or one device): the device ComfyUI uses, in ComfyUI's own process.",
+        },
+    ),
+    "accelerate_config": (
+        "STRING",
+        {
+            "default": "",
+            "tooltip": "Optional: the path of an accelerate config file (made with `accelerate config`). The workers are then started with accelerate launch, e.g. across several machines (see the README).",
+        },
+    ),
     "precision": (
         list(PRECISION_CHOICES),
         {

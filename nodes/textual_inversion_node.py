@@ -8,6 +8,7 @@ from .core.loss_curve import draw_loss_curve
 from .core.prompts import TEMPLATE_CHOICES
 from .graph_types import CATEGORY, EMBEDDING
 from .node_inputs import IMAGES_TOOLTIP, file_hash, image_inputs, resolution_input, shared, training_images
+from .scaleout import launcher
 from .training.textual_inversion import TextualInversionSettings, train_textual_inversion
 
 NO_RESUME = "(none: start from the init text)"
@@ -107,6 +108,8 @@ class TrainTextualInversion:
                     },
                 ),
                 "precision": shared("precision"),
+                "devices": shared("devices"),
+                "accelerate_config": shared("accelerate_config"),
             },
             "optional": image_inputs("Training images of the subject or style. " + IMAGES_TOOLTIP),
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -139,21 +142,23 @@ class TrainTextualInversion:
         vae,
         resume_from: str = NO_RESUME,
         aspect_buckets: bool = True,
+        devices: str = "",
+        accelerate_config: str = "",
         images=None,
         image_set=None,
         unique_id=None,
         **settings,
     ):
         resume = None if resume_from == NO_RESUME else read_embedding(folders.file_path("embeddings", resume_from))
-        result = train_textual_inversion(
-            model,
-            clip,
-            vae,
-            training_images(images, image_set),
-            TextualInversionSettings(bucketing=aspect_buckets, **settings),
-            resume=resume,
-            node_id=unique_id,
-        )
+        listed = launcher.check_devices(devices, accelerate_config)
+        images_given = training_images(images, image_set)
+        training_settings = TextualInversionSettings(bucketing=aspect_buckets, **settings)
+        if launcher.distributed(listed):
+            result = launcher.train_textual_inversion(
+                model, clip, vae, images_given, training_settings, listed, accelerate_config, resume, unique_id
+            )
+        else:
+            result = train_textual_inversion(model, clip, vae, images_given, training_settings, resume=resume, node_id=unique_id)
         bound = tokens.bind_trigger_words(clip, {result.embedding.name: result.embedding.vectors})
         curve = draw_loss_curve(
             result.losses.steps, result.losses.raw, result.losses.smoothed, title=f"Textual Inversion: {result.embedding.name}"

@@ -51,3 +51,9 @@ def intermediate_device() -> torch.device:
 
 def free_cached_memory() -> None:
     comfy.model_management.soft_empty_cache()
+
+
+def free_all() -> None:
+    """Unload every model from the device (worker processes are about to take it)."""
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()

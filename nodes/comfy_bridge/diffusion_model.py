@@ -130,7 +130,7 @@ class DiffusionModelForTraining:
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         """The view's own weights (full fine-tuning); adapters' parameters are their owners'."""
-        return [p for p in self.view.parameters() if p.requires_grad]
+        return list(self.view.own_parameters)
 
     def load(self, *others: Any) -> None:
         """Load the model (and ``others``, e.g. the CLIP's patcher) for training."""
@@ -285,19 +285,13 @@ def _digest_tensor(digest: Any, tensor: torch.Tensor, limit: int = 1 << 20) -> N
     digest.update(tensor.detach().reshape(-1)[:limit].to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
-def model_identity(model: Any, samples: int = 16) -> str:
-    """A hash of what the diffusion model computes with: family, sampling, a sample of its
-    layers' effective weights and the patches it carries (a LoRA applied before training gets
-    its own class images). Nothing is loaded onto the device for it."""
-    digest = hashlib.sha256(model_family(model).encode())
-    digest.update(type(model.get_model_object("model_sampling")).__name__.encode())
-    cast_layers = [
-        (name, m)
-        for name, m in model.model.diffusion_model.named_modules()
-        if layers.is_cast_layer(m) and getattr(m, "weight", None) is not None
-    ]
+def weights_identity(root: torch.nn.Module, patches: Mapping[str, Any] | None = None, samples: int = 16) -> str:
+    """A hash of what ``root`` computes with: a sample of its cast layers' effective weights and
+    the patches its patcher carries (nothing is loaded onto the device for it)."""
+    digest = hashlib.sha256()
+    cast_layers = [(name, m) for name, m in root.named_modules() if layers.is_cast_layer(m) and getattr(m, "weight", None) is not None]
     if not cast_layers:
-        raise ValueError("the diffusion model has no weights")
+        raise ValueError(f"this {type(root).__name__} has no weights")
     count = min(samples, len(cast_layers))
     picks = sorted({round(i * (len(cast_layers) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picks:
@@ -305,10 +299,20 @@ def model_identity(model: Any, samples: int = 16) -> str:
         weight, _ = layers.cast(module, torch.float32, torch.device("cpu"))
         digest.update(name.encode())
         _digest_tensor(digest, weight)
-    for key in sorted(getattr(model, "patches", {})):
+    for key in sorted(patches or {}):
         digest.update(str(key).encode())
-        for patch in model.patches[key]:
+        for patch in patches[key]:
             digest.update(str([p for p in patch if isinstance(p, (int, float, str))]).encode())
             for tensor in _tensors_in(patch):
                 _digest_tensor(digest, tensor, 1 << 12)
+    return digest.hexdigest()
+
+
+def model_identity(model: Any, samples: int = 16) -> str:
+    """A hash of what the diffusion model computes with: family, sampling, a sample of its
+    layers' effective weights and the patches it carries (a LoRA applied before training gets
+    its own class images). Nothing is loaded onto the device for it."""
+    digest = hashlib.sha256(model_family(model).encode())
+    digest.update(type(model.get_model_object("model_sampling")).__name__.encode())
+    digest.update(weights_identity(model.model.diffusion_model, getattr(model, "patches", {}), samples).encode())
     return digest.hexdigest()

@@ -72,3 +72,21 @@ def input_subfolders() -> list[str]:
         return []
     found = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir() and not p.name.startswith(".")]
     return sorted(found, key=str.lower)
+
+
+# The folders a training worker process needs, as this process has them.
+WORKER_FOLDERS = ("embeddings", "loras", "checkpoints", CACHE_FOLDER)
+
+
+def snapshot() -> dict[str, list[str]]:
+    """ComfyUI's folders a worker process must see exactly as this process does."""
+    out = {name: list(folder_paths.get_folder_paths(name)) for name in WORKER_FOLDERS}
+    out["temp"] = [folder_paths.get_temp_directory()]
+    return out
+
+
+def comfyui_directory() -> Path:
+    """The ComfyUI checkout this process runs (worker processes import ComfyUI from it)."""
+    import comfy.sd  # comfy is a namespace package: no __file__ of its own
+
+    return Path(comfy.sd.__file__).resolve().parents[1]

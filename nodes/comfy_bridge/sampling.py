@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import comfy.sample
@@ -70,12 +71,15 @@ def sample_latents(
     negative_prompt: str = "",
     chunk_size: int = 4,
     node_id: str | None = None,
+    owned: Callable[[int], bool] | None = None,
 ) -> torch.Tensor:
     """``count`` latents sampled by ``model`` as KSampler would (raw LATENT space, [N, C, h, w]).
 
     Image ``i`` starts from the noise KSampler gives batch index ``i`` for ``seed``; chunks
     of ``chunk_size`` are sampled at a time (sampler seed ``seed + first index``), so a
     batch of at most ``chunk_size`` equals KSampler on an empty latent of that batch size.
+    ``owned(chunk number)``: sample only those chunks (several processes share the work); the
+    others stay zeros.
     """
     positive = conditioning(clip, prompt)
     negative = conditioning(clip, negative_prompt)
@@ -85,6 +89,9 @@ def sample_latents(
     out = []
     for number, indices in enumerate(chunks):
         progress.raise_if_cancelled()
+        if owned is not None and not owned(number):
+            out.append(torch.zeros(len(indices), channels, height // 8, width // 8))
+            continue
         empty = torch.zeros([len(indices), channels, height // 8, width // 8], device=intermediate_device())
         empty = comfy.sample.fix_empty_latent_channels(model, empty)
         noise = comfy.sample.prepare_noise(empty, seed, indices)

@@ -136,3 +136,34 @@ def read_checkpoint(name: str, with_clip: bool) -> tuple[dict[str, str], Any, co
         raise ValueError(f"{path.name}: resuming reads .safetensors checkpoints only")
     model, clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=with_clip)[:2]
     return _metadata(path), model, clip if with_clip else None
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def export_checkpoint(model: Any, clip: comfy.sd.CLIP, vae: Any) -> Path:
+    """The MODEL, CLIP and VAE as one checkpoint (patches in memory applied) for worker processes,
+    under models/personalize_cache, named by what they compute with: written once, then reused."""
+    import hashlib
+
+    from .diffusion_model import model_identity, weights_identity
+
+    digest = hashlib.sha256(model_identity(model).encode())
+    digest.update(weights_identity(clip.cond_stage_model, getattr(clip.patcher, "patches", {})).encode())
+    digest.update(weights_identity(vae.first_stage_model).encode())
+    target = folders.cache_folder() / f"exported-{digest.hexdigest()[:32]}.safetensors"
+    if target.is_file():
+        return target
+    if not hasattr(clip, "state_dict_for_saving"):
+        comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
+    return atomic_write(target, lambda temp: comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae), overwrite=True)
+
+
+def load_checkpoint(path: Path) -> tuple[Any, comfy.sd.CLIP, Any]:
+    """(MODEL, CLIP, VAE) of a checkpoint file, as CheckpointLoaderSimple loads it."""
+    import folder_paths
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
+    )[:3]
+    return model, clip, vae

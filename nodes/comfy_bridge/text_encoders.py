@@ -71,7 +71,7 @@ class TrainingTextEncoder:
         self.clip = training_clip
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.view.parameters() if p.requires_grad]
+        return list(self.view.own_parameters)
 
     def encode(self, prompts: list[str], need_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond [B, T, D], pooled [B, P] or None) for a batch of prompts.

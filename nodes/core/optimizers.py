@@ -17,7 +17,7 @@ served: weights, gradients and two moment estimates. Two standard ways down, bot
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -296,9 +296,10 @@ class FusedBackwardStep:
     is never available).
     """
 
-    def __init__(self, optimizer: AdamW, max_grad_norm: float = 0.0):
+    def __init__(self, optimizer: AdamW, max_grad_norm: float = 0.0, reduce: Callable[[torch.Tensor], None] | None = None):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.reduce = reduce  # e.g. summing the gradient across processes, before it is used
         self.steps = 0
         self._handles = [
             param.register_post_accumulate_grad_hook(self._hook) for group in optimizer.param_groups for param in group["params"]
@@ -307,6 +308,8 @@ class FusedBackwardStep:
     def _hook(self, param: torch.Tensor) -> None:
         if param.grad is None:
             return
+        if self.reduce is not None:
+            self.reduce(param.grad)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
         self.optimizer.step_parameter(param)

@@ -287,6 +287,7 @@ def training_view(
     adapters = dict(adapters or {})
     memo: dict[int, torch.nn.Module] = {}
     placed: set[str] = set()
+    own: list[torch.nn.Parameter] = []
 
     def build(module: torch.nn.Module, path: str) -> torch.nn.Module:
         if id(module) in memo:
@@ -297,6 +298,7 @@ def training_view(
             if adapter is not None:
                 placed.add(path)
             new: torch.nn.Module = TrainingLayer(module, kind, cast, compute_dtype, adapter=adapter, own_dtype=own_dtype, device=device)
+            own.extend(p for p in new._parameters.values() if p is not None)
         elif not module._modules and own_dtype is None:
             new = module  # a leaf that is no layer (activations, dropout): shared
         else:
@@ -307,6 +309,7 @@ def training_view(
                     n: None if p is None else torch.nn.Parameter(p.detach().to(device or p.device, torch.float32, copy=True))
                     for n, p in module._parameters.items()
                 }
+                own.extend(p for p in new._parameters.values() if p is not None)
         memo[id(module)] = new
         return new
 
@@ -314,6 +317,8 @@ def training_view(
     missing = set(adapters) - placed
     if missing:
         raise ValueError(f"{len(missing)} adapter(s) found no layer to attach to, e.g. '{sorted(missing)[0]}'")
+    # What trains in the view itself (its module dicts share the source's other parameters).
+    view.own_parameters = own
     return view
 
 

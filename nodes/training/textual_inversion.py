@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..comfy_bridge import folders, sampling, saving, tokens
+from ..comfy_bridge import devices, folders, sampling, saving, tokens
 from ..comfy_bridge.diffusion_model import DiffusionModelForTraining
 from ..comfy_bridge.progress import ComfyProgress
 from ..comfy_bridge.text_encoders import TrainingTextEncoder
+from ..core.distributed import SINGLE_PROCESS, Partition
 from ..core.embedding_file import MODEL_FAMILY_BY_ENCODERS, EmbeddingFile, EmbeddingMismatchError, vectors_for_encoders
 from ..core.files import resolve_inside
 from ..core.prompts import TEMPLATE_SETS, choose_prompts, fill_template, parse_custom_templates
@@ -156,8 +157,10 @@ class TextualInversionTrainer:
         init: dict[str, torch.Tensor],
         start_step: int = 0,
         teacher_vectors: dict[str, torch.Tensor] | None = None,
+        partition: Partition = SINGLE_PROCESS,
     ):
         self.settings = settings
+        self.partition = partition
         self.model, self.clip, self.vae = model, clip, vae
         self.family, _ = model_family_of(clip)
         self.trigger = settings.trigger_word.strip()
@@ -171,7 +174,9 @@ class TextualInversionTrainer:
         self.precision = precision_for(model, settings.precision)
         self.notes = list(self.precision.notes)
 
-        self.unet = DiffusionModelForTraining(model, self.precision.compute_dtype)
+        self.unet = DiffusionModelForTraining(
+            model, self.precision.compute_dtype, memory_required=devices.training_memory(model, settings.batch_size, settings.resolution)
+        )
         self.unet.load(clip.patcher)
         self.sampler = BatchSampler(
             encode_buckets(images, settings, lambda pixels: self.unet.latents_from_pixels(vae, pixels)),
@@ -187,6 +192,7 @@ class TextualInversionTrainer:
             self.teacher = TrainingTextEncoder(clip, trainable_words={self.trigger: frozen})
         self.optimizer = torch.optim.AdamW(list(self.vectors.values()), lr=self.schedule.rate(start_step + 1), weight_decay=0.0)
         self.scaler = grad_scaler(self.unet, self.precision)
+        self.partition.broadcast(self.vectors.values())
         self.saved_path: Path | None = None
         self.training_settings = {k: v for k, v in asdict(settings).items() if k not in ("overwrite", "save")}
 
@@ -198,9 +204,12 @@ class TextualInversionTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.rate(step)
         total = 0.0
-        for _ in range(s.gradient_accumulation):
+        micro_batches = self.partition.micro_batches(s.gradient_accumulation)
+        for index in range(micro_batches):
             batch = self.sampler.draw()
             prompts = choose_prompts(self.templates, batch.captions, self.trigger, self.sampler.rng)
+            if not self.partition.owns(index):
+                continue  # another process computes it (every process draws, so the streams agree)
             # The text encoder computes in float32 outside the diffusion model's autocast, as
             # CLIP Text Encode does.
             cond, pooled = self.encoder.encode(prompts, self.unet.needs_pooled)
@@ -211,14 +220,19 @@ class TextualInversionTrainer:
                     sigma = self.unet.sigmas(batch.timesteps)
                     target = self.unet.denoise(self.unet.noisy(batch.latents, batch.noise, sigma), sigma, t_cond, t_pooled)
             loss = diffusion_loss(self.unet, batch.latents, batch.noise, batch.timesteps, cond, pooled, target)
-            self.scaler.scale(loss / s.gradient_accumulation).backward()
-            total += loss.item() / s.gradient_accumulation
+            self.scaler.scale(loss / micro_batches).backward()
+            total += loss.item() / micro_batches
+        # Summed before the scaler looks at them, so every process takes the same step.
+        self.partition.sum_gradients(self.vectors.values())
+        total = self.partition.sum(total)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": total}
 
     def preview(self) -> Any:
+        if self.partition.rank != 0:
+            return None  # one process shows what is learnt
         image = sampling.render_preview(
             self.model,
             self.encoder.clip,
@@ -233,8 +247,8 @@ class TextualInversionTrainer:
 
     def save(self, step: int) -> None:
         s = self.settings
-        if not s.save:
-            return
+        if not s.save or self.partition.rank != 0:
+            return  # one process writes the file
         self.saved_path = saving.save_embedding_file(
             self.snapshot(),
             s.output_name(),
@@ -257,6 +271,7 @@ def train_textual_inversion(
     node_id: str | None = None,
     host: TrainingHost | None = None,
     teacher_vectors: dict[str, torch.Tensor] | None = None,
+    partition: Partition = SINGLE_PROCESS,
 ) -> TextualInversionResult:
     """Train the trigger word's vectors; saves to models/embeddings as configured.
 
@@ -268,7 +283,7 @@ def train_textual_inversion(
     start_step = int(resume.metadata.get("steps", "0") or 0) if resume is not None else 0
     host = host or ComfyProgress(settings.steps, node_id, "textual_inversion")
     with torch.inference_mode(False), torch.enable_grad():
-        trainer = TextualInversionTrainer(model, clip, vae, images, settings, init, start_step, teacher_vectors)
+        trainer = TextualInversionTrainer(model, clip, vae, images, settings, init, start_step, teacher_vectors, partition)
         notes += trainer.notes
         for note in notes:
             log.info("Textual Inversion: %s", note)

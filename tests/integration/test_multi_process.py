@@ -1,0 +1,257 @@
+"""Training on several processes (nodes/scaleout), on this CPU: two gloo workers started with torchrun.
+
+A 2-process run ends with the same trained tensors on both processes, equal (to float
+tolerance) to one process training on the union of their batches (gradient accumulation 2);
+Cancel ends every worker and keeps the last save; a worker that dies or fails is reported on the
+node with its message; one device never starts a process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from harness import cancel_at_step, pack_module, run_node
+
+launcher = pack_module("nodes.scaleout.launcher")
+jobs = pack_module("nodes.scaleout.jobs")
+ti = pack_module("nodes.training.textual_inversion")
+db = pack_module("nodes.training.dreambooth")
+TrainingImageSet = pack_module("nodes.core.training_images").TrainingImageSet
+TRAIN = pack_module("nodes.graph_types").TRAIN_TEXTUAL_INVERSION
+TWO_CPUS = ["cpu", "cpu"]
+
+
+def _images(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(count, 1, 1, 3, generator=g) + 0.2 * torch.rand(count, size, size, 3, generator=g)).clamp(0, 1)
+
+
+def _job_folders() -> set[Path]:
+    import folder_paths
+
+    root = Path(folder_paths.get_folder_paths("personalize_cache")[0]) / "jobs"
+    return set(root.iterdir()) if root.is_dir() else set()
+
+
+def _states(job: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(job.glob("state-rank-*.json"))]
+
+
+def _workers() -> list[tuple[int, dict[str, str]]]:
+    """(pid, environment) of every live training worker process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(part.endswith(b"scaleout/worker.py") for part in cmdline):
+                continue
+            environ = dict(
+                item.split("=", 1) for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item
+            )
+            found.append((int(entry.name), environ))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_devices_are_read_and_checked_before_any_work(tmp_path):
+    assert jobs.parse_devices("") == [] and jobs.parse_devices("0, 1") == ["cuda:0", "cuda:1"]
+    assert jobs.parse_devices("cpu,cpu") == TWO_CPUS and jobs.parse_devices("CUDA") == ["cuda:0"]
+    for text, message in [("gpu0", "is no device"), ("cpu,cuda:0", "mixes CPU and GPU"), ("0,0", "lists a GPU twice")]:
+        with pytest.raises(ValueError, match=message):
+            jobs.parse_devices(text)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cuda:0, cuda:1 asked for, this machine has 0 CUDA device"):
+            launcher.check_devices("0,1")
+    with pytest.raises(ValueError, match="is not a file"):
+        launcher.check_devices("", "/nowhere/accelerate.yaml")
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n")
+    with pytest.raises(ValueError, match="distributed_type DEEPSPEED: the pack trains with data parallelism only"):
+        launcher.check_devices("", str(config))
+    config.write_text("- not\n- settings\n")
+    with pytest.raises(ValueError, match="is not an accelerate config"):
+        launcher.check_devices("", str(config))
+    assert not launcher.distributed(launcher.check_devices("cpu")), "one device trains in ComfyUI's process"
+
+
+def test_one_device_never_starts_a_process(sd15, monkeypatch):
+    started = []
+    monkeypatch.setattr(launcher, "run_job", lambda *a, **k: started.append(a))
+    settings = dict(
+        trigger_word=f"<o{uuid.uuid4().hex[:5]}>",
+        init_text="cat",
+        vectors_per_token=1,
+        steps=1,
+        learning_rate="0.005",
+        batch_size=1,
+        gradient_accumulation=1,
+        seed=0,
+        templates="object",
+        custom_templates="a photo of {}",
+        resolution=64,
+        resize_mode="crop",
+        flip=False,
+        save_every=0,
+        file_name="",
+        file_format="safetensors",
+        overwrite=False,
+        resume_from=pack_module("nodes.textual_inversion_node").NO_RESUME,
+        aspect_buckets=True,
+        devices="cpu",
+    )
+    run_node(TRAIN, model=sd15["model"], clip=sd15["clip"], vae=sd15["vae"], images=_images(1), **settings)
+    assert started == []
+
+
+def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_batches(sd15):
+    images = TrainingImageSet.from_image_batch(_images())
+    common = dict(init_text="cat", steps=2, resolution=64, seed=7, learning_rate="0.01", save=False)
+    settings = ti.TextualInversionSettings(trigger_word="<two>", **common)
+    before = _job_folders()
+    with torch.inference_mode():
+        two = launcher.train_textual_inversion(sd15["model"], sd15["clip"], sd15["vae"], images, settings, TWO_CPUS)
+        one = ti.train_textual_inversion(
+            sd15["model"],
+            sd15["clip"],
+            sd15["vae"],
+            images,
+            ti.TextualInversionSettings(trigger_word="<two>", gradient_accumulation=2, **common),
+        )
+    [job] = _job_folders() - before
+    states = _states(job)
+    assert [s["rank"] for s in states] == [0, 1] and states[0]["digests"] == states[1]["digests"], "both processes end the same"
+    torch.testing.assert_close(two.embedding.vectors["clip_l"], one.embedding.vectors["clip_l"], rtol=1e-5, atol=1e-6)
+    assert two.losses.raw["loss"] == pytest.approx(one.losses.raw["loss"], rel=1e-5)
+    assert "trained on cpu, cpu" in two.notes
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd15, mode):
+    """LoRA (with the text encoder and pivotal tuning) and full fine-tuning (the fused backward
+    step, gradients summed tensor by tensor), prior preservation with class images the two
+    processes generate between them."""
+    images = TrainingImageSet.from_image_batch(_images())
+    common = dict(
+        mode=mode,
+        steps=2,
+        resolution=64,
+        seed=9 if mode == "lora" else 10,  # its own class images: the run that generates them shares the work
+        save=False,
+        prior_preservation=True,
+        num_class_images=2,
+        class_steps=2,
+        class_sampler="euler",
+        lora_rank=2,
+        lora_alpha=2.0,
+        train_text_encoder=mode == "lora",
+        pivotal_tuning=mode == "lora",
+        learning_rate="1e-3" if mode == "lora" else "1e-4",
+        full_bf16=False,
+        max_grad_norm=0.0,
+    )
+    before = _job_folders()
+    with torch.inference_mode():
+        two = launcher.train_dreambooth(
+            sd15["model"], sd15["clip"], sd15["vae"], images, db.DreamBoothSettings(fused_backward=True, **common), TWO_CPUS
+        )
+        one = db.train_dreambooth(
+            sd15["model"], sd15["clip"], sd15["vae"], images, db.DreamBoothSettings(gradient_accumulation=2, fused_backward=False, **common)
+        )
+    [job] = _job_folders() - before
+    states = _states(job)
+    assert states[0]["digests"] == states[1]["digests"] and len(states[0]["digests"]) > 0
+    assert two.losses.raw["instance"] == pytest.approx(one.losses.raw["instance"], rel=1e-5)
+    assert two.losses.raw["prior"] == pytest.approx(one.losses.raw["prior"], rel=1e-5)
+    if mode == "lora":
+        assert two.lora.keys() == one.lora.keys()
+        # AdamW divides by the gradient's own size, so where a gradient is near zero the summation
+        # order's rounding moves an element by up to ~1 % of the learning rate (1e-3): measured
+        # 1e-5 at most. A process's gradient missing from the sum would move them by ~1e-3.
+        for key in one.lora:
+            torch.testing.assert_close(two.lora[key], one.lora[key], rtol=1e-4, atol=3e-5, msg=key)
+        torch.testing.assert_close(two.embedding.vectors["clip_l"], one.embedding.vectors["clip_l"], rtol=1e-4, atol=1e-6)
+    else:
+        assert two.diffs["model"].keys() == one.diffs["model"].keys()
+        # The fused step (our AdamW, tensor by tensor) against torch's AdamW over accumulated
+        # gradients: the same update up to rounding, which AdamW magnifies only where a gradient
+        # is near zero (measured: 9e-5 relative over the whole update, a handful of elements off by
+        # more than 1e-6). A process's gradient missing from the sum would change all of it.
+        a = torch.cat([two.diffs["model"][k].float().flatten() for k in one.diffs["model"]])
+        b = torch.cat([one.diffs["model"][k].float().flatten() for k in one.diffs["model"]])
+        assert float((a - b).norm() / b.norm()) < 1e-3
+        assert float(((a - b).abs() > 1e-6).float().mean()) < 1e-4
+    assert two.class_images == "generated" and one.class_images == "cached", "the processes shared the sampling and wrote the cache"
+
+
+def test_cancel_ends_every_worker_and_keeps_the_last_save(sd15, embeddings_dir):
+    name = f"cancelled-{uuid.uuid4().hex[:6]}"
+    settings = ti.TextualInversionSettings(
+        trigger_word=f"<{name}>", init_text="cat", steps=200, save_every=1, resolution=64, file_name=name
+    )
+    with cancel_at_step(2), torch.inference_mode():
+        launcher.train_textual_inversion(
+            sd15["model"], sd15["clip"], sd15["vae"], TrainingImageSet.from_image_batch(_images()), settings, TWO_CPUS, node_id="41"
+        )
+    assert _workers() == [], "no worker process is left"
+    saved = pack_module("nodes.core.embedding_file").read_embedding(embeddings_dir / f"{name}.safetensors")
+    assert int(saved.metadata["steps"]) >= 1, "the last periodic save stays"
+
+
+def test_a_worker_that_dies_is_reported_on_the_node(sd15):
+    settings = ti.TextualInversionSettings(trigger_word="<dies>", init_text="cat", steps=500, resolution=64, save=False)
+    killed = []
+
+    def kill_rank_one():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for pid, environ in _workers():
+                if environ.get("RANK") == "1" and _job_started():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.5)
+
+    def _job_started() -> bool:
+        return any((job / "progress.jsonl").exists() for job in _job_folders())
+
+    thread = threading.Thread(target=kill_rank_one, daemon=True)
+    thread.start()
+    with pytest.raises(RuntimeError, match=r"died|failed") as error, torch.inference_mode():
+        launcher.train_textual_inversion(
+            sd15["model"], sd15["clip"], sd15["vae"], TrainingImageSet.from_image_batch(_images()), settings, TWO_CPUS
+        )
+    thread.join()
+    assert killed, "a worker was killed"
+    assert "SIGKILL" in str(error.value) or "Signal 9" in str(error.value) or "signal" in str(error.value).lower(), str(error.value)[-1500:]
+    assert _workers() == []
+
+
+def test_a_workers_error_reaches_the_node_with_its_message(sd15):
+    """A LoRA file without the layers this run trains: the workers find out when they load it."""
+    import folder_paths
+    import safetensors.torch
+
+    name = f"foreign-{uuid.uuid4().hex[:6]}.safetensors"
+    safetensors.torch.save_file(
+        {"lora_unet_nothing.lora_up.weight": torch.zeros(4, 2)}, str(Path(folder_paths.get_folder_paths("loras")[0]) / name)
+    )
+    settings = db.DreamBoothSettings(mode="lora", steps=1, resolution=64, save=False, prior_preservation=False, resume_from=f"loras/{name}")
+    with (
+        pytest.raises(RuntimeError, match=r"training worker \(rank \d, cpu\) failed: ValueError: cannot resume: .* has no weights for"),
+        torch.inference_mode(),
+    ):
+        launcher.train_dreambooth(
+            sd15["model"], sd15["clip"], sd15["vae"], TrainingImageSet.from_image_batch(_images()), settings, TWO_CPUS
+        )
+    assert _workers() == []
