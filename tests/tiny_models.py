@@ -145,6 +145,24 @@ SDXL_ADM_CHANNELS = 2816
 SDXL_CONTEXT_DIM = 2048  # CLIP-L penultimate (768) ++ CLIP-G penultimate (1280)
 
 
+# The real SDXL UNet (2.6B params), comfy.model_detection's SDXL config less its dtype: for the
+# GPU report's SDXL-size figures (built in memory, never by the test-suite).
+SDXL_FULL_UNET_CONFIG: dict[str, Any] = {
+    **_UNET_COMMON,
+    "num_classes": "sequential",
+    "adm_in_channels": SDXL_ADM_CHANNELS,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": SDXL_CONTEXT_DIM,
+    "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+}
+
+
 def tiny_sdxl_unet_config(model_channels: int = 320) -> dict[str, Any]:
     """The reduced SDXL UNet config used by :func:`build_tiny_sdxl_model`.
 
@@ -250,14 +268,14 @@ def _assert_finite(items: Iterable[tuple[str, torch.Tensor]], what: str, bound: 
 # --------------------------------------------------------------------------
 
 
-def _build_base_model(config_cls: type, unet_config: dict[str, Any], seed: int) -> Any:
-    """Instantiate ``config_cls``'s model_base model in fp32 and seed its UNet."""
+def _build_base_model(config_cls: type, unet_config: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> Any:
+    """Instantiate ``config_cls``'s model_base model in ``dtype`` and seed its UNet."""
     # Deep copy: ComfyUI only shallow-copies the config, and the module-level
     # constants must not be changed by (or change) any model built from them.
     model_config = config_cls(copy.deepcopy(unet_config))
-    # fp32 weights with no manual cast makes ComfyUI pick plain
+    # Weights in the compute dtype with no manual cast makes ComfyUI pick plain
     # disable_weight_init ops, i.e. the model computes in the dtype we seed in.
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     _initialise_(model.diffusion_model, _generator(seed, "unet"))
     _assert_finite(model.named_buffers(), what="model_base buffers")
@@ -349,6 +367,15 @@ def _assert_detected_as(sd: dict[str, torch.Tensor], expected: type, path: pathl
         raise RuntimeError(f"{path.name}: ComfyUI detects {type(detected).__name__}, expected {expected.__name__}")
 
 
+def _state_dict_for_saving(model: Any, clip_sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BaseModel.state_dict_for_saving: since ComfyUI v0.2x it takes the UNet's state dict first."""
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        return model.state_dict_for_saving(model.diffusion_model.state_dict(), clip_sd, vae_sd)
+    return model.state_dict_for_saving(clip_sd, vae_sd)
+
+
 def _build_checkpoint(
     path: pathlib.Path,
     config_cls: type,
@@ -368,7 +395,7 @@ def _build_checkpoint(
     vae_sd = _build_vae_state_dict(seed)
     # ComfyUI's own conversion to the original LDM layout: model.diffusion_model.*,
     # cond_stage_model.* (incl. OpenCLIP renaming for SD2), first_stage_model.*
-    sd = model.state_dict_for_saving(clip_sd, vae_sd)
+    sd = _state_dict_for_saving(model, clip_sd, vae_sd)
     del model, clip, clip_sd, vae_sd
     sd = _to_storage(sd, what=path.name)
     _assert_detected_as(sd, config_cls, path)
@@ -491,6 +518,20 @@ def build_tiny_sdxl_model(seed: int = 0, model_channels: int = 320) -> comfy.mod
         model,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def build_sdxl_model(full: bool, seed: int = 0, dtype: torch.dtype = torch.float16) -> comfy.model_patcher.ModelPatcher:
+    """An SDXL diffusion model in memory: the real 2.6B-param UNet (``full``) or the tiny one,
+    stored in ``dtype`` (float16, as SDXL checkpoints are)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = SDXL_FULL_UNET_CONFIG if full else tiny_sdxl_unet_config()
+    model = _build_base_model(comfy.supported_models.SDXL, config, seed, dtype)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=comfy.model_management.unet_offload_device()
     )
 
 

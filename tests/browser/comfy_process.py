@@ -89,7 +89,7 @@ class ServerError(RuntimeError):
 
 
 class ComfyServer:
-    """A ComfyUI ``main.py`` subprocess on 127.0.0.1:<free port>, CPU only.
+    """A ComfyUI ``main.py`` subprocess on 127.0.0.1:<free port>, on the CPU unless ``cpu=False``.
 
     ``url``: base URL (no trailing slash); ``base_dir``: its base directory;
     ``log_path``: its stdout+stderr. ``extra_args`` go to main.py as they are.
@@ -103,8 +103,10 @@ class ComfyServer:
         extra_args: list[str] | None = None,
         settings: dict | None = None,
         startup_timeout: float = 180.0,
+        cpu: bool = True,
     ):
         self.comfyui_dir = Path(comfyui_dir)
+        self.cpu = cpu
         self._own_base = base_dir is None
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="personalize-comfy-"))
         self.python = python or sys.executable
@@ -125,7 +127,7 @@ class ComfyServer:
         cmd = [
             self.python,
             "main.py",
-            "--cpu",
+            *(["--cpu"] if self.cpu else []),
             "--listen",
             "127.0.0.1",
             "--port",
