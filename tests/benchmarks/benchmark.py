@@ -9,6 +9,7 @@ random-weight UNet of SD1.5's real size, 860M parameters, with the full CLIP-L a
     python tests/benchmarks/benchmark.py --mode all --unet sd15-full --resolution 512 --steps 2
     python tests/benchmarks/benchmark.py --mode lora --curve --unet sd15-full   # 256/512/768 x batch 1/2/4, plot
     python tests/benchmarks/benchmark.py --quick                                # CI: every mode, tiny, 1 step
+    python tests/benchmarks/benchmark.py --replot A.jsonl B.jsonl               # one table and plot of several runs
 
 Figures: seconds per step (mean of the timed steps after warm-up), and what training adds to
 memory: on the CPU the peak RSS during set-up and training minus the RSS with the models
@@ -95,7 +96,14 @@ def measure(mode: str, resolution: int, batch: int, args: argparse.Namespace, ch
         pack.append("--no-full-bf16")
     if args.no_fused_backward:
         pack.append("--no-fused-backward")
-    reference = [sys.executable, str(BENCH_DIR / "reference_loops.py"), *(["--ti"] if mode == "ti" else ["--db", "--mode", mode]), *common]
+    reference = [
+        sys.executable,
+        str(BENCH_DIR / "reference_loops.py"),
+        *(["--ti"] if mode == "ti" else ["--db", "--mode", mode]),
+        *common,
+        "--mixed-precision",
+        args.reference_precision,
+    ]
     ours = run_json_command(pack, args.timeout)
     theirs = run_json_command(reference, args.timeout)
     return {"mode": mode, "resolution": resolution, "batch_size": batch, "unet": args.unet, "pack": ours, "reference": theirs}
@@ -160,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", help="the pack's precision setting")
+    p.add_argument(
+        "--reference-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="the reference's mixed precision, as accelerate's --mixed_precision (GPU runs: fp16)",
+    )
     p.add_argument("--prior", action="store_true", help="DreamBooth with prior preservation")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-full-bf16", action="store_true")
@@ -172,7 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=TESTS_DIR / "artifacts" / "benchmarks")
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument(
+        "--replot",
+        type=Path,
+        nargs="+",
+        metavar="JSONL",
+        help="measure nothing: table and plot of earlier runs' figures together (e.g. a curve measured in parts)",
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        rows = [json.loads(line) for path in args.replot for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        print(table(rows))
+        print(f"plot: {plot(rows, args.out / args.replot[0].name.replace('.jsonl', '-all.png'))}")
+        return 0
     if args.quick:
         args.unet, args.resolution, args.steps, args.warmup, args.mode = "tiny", 64, 1, 1, "all"
     modes = MODES if args.mode == "all" else (args.mode,)

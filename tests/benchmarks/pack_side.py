@@ -33,7 +33,7 @@ TESTS_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(TESTS_DIR))
 
-from reference_loops import UNET_CONFIGS, default_checkpoint, peak_rss_mb, reset_peak_rss  # noqa: E402
+from reference_loops import SDXL_UNET_CONFIGS, UNET_CONFIGS, default_checkpoint, peak_rss_mb, reset_peak_rss  # noqa: E402
 from reference_loops import _memory_snapshot as snapshot  # noqa: E402
 
 MODES = ("ti", "lora", "full")
@@ -78,6 +78,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+        if args.unet in SDXL_UNET_CONFIGS:
+            # SDXL: the UNet built in memory (random weights, stored as SDXL checkpoints store
+            # it), its two real-size text encoders; the SD VAE (SDXL's has its architecture).
+            import folder_paths
+            import tiny_models
+
+            model = tiny_models.build_sdxl_model(full=args.unet == "sdxl", dtype=torch.float16 if device.type == "cuda" else torch.float32)
+            clip = tiny_models.load_sdxl_clip(
+                tiny_models.cached_sdxl_text_encoders(comfyui_runtime.MODEL_CACHE), folder_paths.get_folder_paths("embeddings")
+            )
     result["load_s"] = round(time.perf_counter() - began, 2)
     result.update(snapshot(device, "after_load"))
     result["peak_rss_reset"] = reset_peak_rss()

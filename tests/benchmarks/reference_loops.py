@@ -90,10 +90,46 @@ SD15_FULL_UNET_CONFIG: dict[str, Any] = {
     "layers_per_block": 2,
 }
 
-# --unet names -> (tests/tiny_models.py cache kind, diffusers config).
+# SDXL: the real UNet (2.6B params) and a one-level one of the same interfaces. Built with random
+# weights (no SDXL checkpoint is converted): step time and memory depend on the shapes alone.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SDXL_TINY_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "down_block_types": ("CrossAttnDownBlock2D",),
+    "up_block_types": ("CrossAttnUpBlock2D",),
+    "block_out_channels": (320,),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 5,
+}
+SDXL_UNET_CONFIGS = {"sdxl": SDXL_UNET_CONFIG, "sdxl-tiny": SDXL_TINY_UNET_CONFIG}
+
+# --unet names -> (tests/tiny_models.py cache kind, diffusers config). The SDXL ones take
+# only the VAE from their checkpoint (SDXL's VAE has SD's architecture).
 UNET_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("sd15", UNET_CONFIG),
     "sd15-full": ("sd15-full", SD15_FULL_UNET_CONFIG),
+    "sdxl": ("sd15", SDXL_UNET_CONFIG),
+    "sdxl-tiny": ("sd15", SDXL_TINY_UNET_CONFIG),
 }
 # Resolution levels (LDM channel_mult length) -> --unet name, for detecting it from a file.
 _UNET_BY_LEVELS = {1: "tiny", 4: "sd15-full"}
@@ -558,6 +594,56 @@ def _load_for_training(
     return modules
 
 
+class Amp:
+    """What ``accelerate launch --mixed_precision fp16|bf16`` gives the diffusers examples: frozen
+    modules cast to the half dtype, forwards under autocast, and for fp16 a GradScaler."""
+
+    def __init__(self, mixed_precision: str, device: torch.device):
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed precision must be no, fp16 or bf16 (got {mixed_precision!r})")
+        self.name = mixed_precision
+        self.dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.name != "no" else contextlib.nullcontext()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: Sequence[torch.nn.Parameter] = ()) -> None:
+        self.scaler.scale(loss).backward()
+        if clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip, MAX_GRAD_NORM)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _load_sdxl_for_training(checkpoint_path: PathLike, device: torch.device, result: dict[str, Any], unet_name: str) -> tuple[Any, ...]:
+    """(unet, None, None, vae, scheduler): an SDXL UNet of random weights built on ``device``,
+    the SD VAE from the checkpoint. The text encoders are not loaded (their output is fixed)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    result["unet"] = unet_name
+    result.update(_memory_snapshot(device, "before_load"))
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIGS[unet_name])
+    vae = AutoencoderKL(**VAE_CONFIG)
+    _load_strict(vae, convert_ldm_vae_checkpoint(_read_prefixed(checkpoint_path, _VAE_PREFIX), dict(vae.config)), "vae")
+    vae.to(device).eval()
+    unet.eval()
+    result["load_s"] = round(time.perf_counter() - start, 3)
+    result.update(_memory_snapshot(device, "after_load"))
+    result["peak_rss_reset"] = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return unet, None, None, vae, DDPMScheduler(**SCHEDULER_CONFIG)
+
+
 # --------------------------------------------------------------------------------------
 # Textual Inversion (diffusers examples/textual_inversion/textual_inversion.py)
 # --------------------------------------------------------------------------------------
@@ -575,6 +661,7 @@ def textual_inversion_reference_step(
     input_ids: torch.Tensor,
     orig_embeds: torch.Tensor,
     index_no_updates: torch.Tensor,
+    amp: Amp | None = None,
 ) -> float:
     """One TI optimisation step; returns the loss.
 
@@ -586,17 +673,18 @@ def textual_inversion_reference_step(
     """
     # No no_grad here, as in the example: the VAE has no trainable parameters, so no
     # graph is recorded anyway.
-    latents = vae.encode(pixel_values).latent_dist.sample().detach()
-    latents = latents * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(input_ids)[0]
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-    loss.backward()
-    optimizer.step()
+    amp = amp or Amp("no", pixel_values.device)
+    with amp.autocast():
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample().detach()
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(input_ids)[0].to(amp.dtype if amp.name != "no" else torch.float32)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+    amp.backward_and_step(loss, optimizer)
     lr_scheduler.step()
     optimizer.zero_grad()
     with torch.no_grad():
@@ -616,6 +704,7 @@ def run_textual_inversion_reference(
     learning_rate: float = TI_LR,
     gradient_checkpointing: bool = False,
     unet_config: str | None = None,
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """Time ``steps`` TI steps after ``warmup`` untimed ones; figures as a flat dict.
 
@@ -650,8 +739,14 @@ def run_textual_inversion_reference(
         token_embeds = text_encoder.get_input_embeddings().weight
         token_embeds[placeholder_id] = token_embeds[init_ids[0]].clone()
 
+    amp = Amp(mixed_precision, device)
+    result["mixed_precision"] = mixed_precision
     vae.requires_grad_(False)
     unet.requires_grad_(False)
+    # The example: the frozen UNet and VAE in the mixed-precision dtype, the text encoder
+    # (whose embedding matrix trains) in float32.
+    unet.to(dtype=amp.dtype)
+    vae.to(dtype=amp.dtype)
     text_model = _text_transformer(text_encoder)
     text_model.encoder.requires_grad_(False)
     text_model.final_layer_norm.requires_grad_(False)
@@ -692,6 +787,7 @@ def run_textual_inversion_reference(
             input_ids=input_ids,
             orig_embeds=orig_embeds,
             index_no_updates=index_no_updates,
+            amp=amp,
         )
 
     times, cpu_times, losses = _time_steps(step, steps, warmup, device)
@@ -766,30 +862,34 @@ def dreambooth_reference_step(
     prior_preservation: bool,
     prior_loss_weight: float = PRIOR_LOSS_WEIGHT,
     set_grads_to_none: bool = False,
+    amp: Amp | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """One DreamBooth step; with prior preservation the batch is instance ++ class images
     (and prompts) and the loss is mse(instance) + prior_loss_weight * mse(class)."""
-    model_input = vae.encode(pixel_values).latent_dist.sample()
-    model_input = model_input * vae.config.scaling_factor
-    noise = torch.randn_like(model_input)
-    bsz = model_input.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=model_input.device)
-    noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
-    # Frozen text encoder, run every step (the example's default, no pre-computed embeddings).
-    encoder_hidden_states = text_encoder(input_ids)[0]
-    model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
-    target = noise
-    if prior_preservation:
-        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
-        target, target_prior = torch.chunk(target, 2, dim=0)
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
-        loss = loss + prior_loss_weight * prior_loss
-    else:
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params_to_clip, MAX_GRAD_NORM)
-    optimizer.step()
+    amp = amp or Amp("no", pixel_values.device)
+    with amp.autocast():
+        model_input = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+        model_input = model_input * vae.config.scaling_factor
+        noise = torch.randn_like(model_input)
+        bsz = model_input.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=model_input.device)
+        noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+        if encoder_hidden_states is None:
+            # Frozen text encoder, run every step (the example's default, no pre-computed embeddings).
+            encoder_hidden_states = text_encoder(input_ids)[0]
+        model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        target = noise
+        if prior_preservation:
+            model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+            target, target_prior = torch.chunk(target, 2, dim=0)
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+            loss = loss + prior_loss_weight * prior_loss
+        else:
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    amp.backward_and_step(loss, optimizer, params_to_clip)
     lr_scheduler.step()
     # train_dreambooth.py's default (--set_grads_to_none off) zeroes the grads in place, so
     # the full UNet's grad buffers stay allocated between steps; train_dreambooth_lora.py
@@ -812,6 +912,7 @@ def run_dreambooth_reference(
     lora_rank: int = DB_LORA_RANK,
     gradient_checkpointing: bool = False,
     unet_config: str | None = None,
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """Time ``steps`` DreamBooth steps after ``warmup`` untimed ones.
 
@@ -831,14 +932,26 @@ def run_dreambooth_reference(
     result.update(
         {"mode": mode, "prior_preservation": prior_preservation, "learning_rate": lr, "gradient_checkpointing": gradient_checkpointing}
     )
-    unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
+    amp = Amp(mixed_precision, device)
+    result["mixed_precision"] = mixed_precision
+    sdxl = unet_config in SDXL_UNET_CONFIGS
+    if sdxl:
+        unet, text_encoder, tokenizer, vae, noise_scheduler = _load_sdxl_for_training(checkpoint_path, device, result, unet_config)
+    else:
+        unet, text_encoder, tokenizer, vae, noise_scheduler = _load_for_training(checkpoint_path, device, result, unet_config)
 
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    # The examples: frozen modules in the mixed-precision dtype; the trained UNet (full) in float32.
+    vae.requires_grad_(False).to(dtype=amp.dtype)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False).to(dtype=amp.dtype)
     if mode == "lora":
+        unet.to(dtype=amp.dtype)
         result["lora_impl"] = add_lora_to_unet(unet, lora_rank)
         result["lora_rank"] = lora_rank
         unet.to(device)
+        for p in unet.parameters():  # diffusers' cast_training_params: the adapters train in float32
+            if p.requires_grad:
+                p.data = p.data.float()
     else:
         unet.requires_grad_(True)
     if gradient_checkpointing:
@@ -856,7 +969,17 @@ def run_dreambooth_reference(
     prompts = [DB_INSTANCE_PROMPT] * batch_size
     if prior_preservation:
         prompts += [DB_CLASS_PROMPT] * batch_size
-    input_ids = _tokenize(tokenizer, prompts).to(device)
+    input_ids = _tokenize(tokenizer, prompts).to(device) if tokenizer is not None else None
+    hidden, added = None, None
+    if sdxl:
+        # diffusers' SDXL LoRA example encodes fixed prompts once (no text-encoder training):
+        # stand-in embeddings of the right shapes, and the size/crop time ids.
+        count = len(prompts)
+        hidden = torch.randn(count, 77, 2048, generator=gen).to(device, amp.dtype)
+        added = {
+            "text_embeds": torch.randn(count, 1280, generator=gen).to(device, amp.dtype),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * count, dtype=amp.dtype, device=device),
+        }
     result.update(_memory_snapshot(device, "after_setup"))
 
     def step(i: int) -> float:
@@ -876,6 +999,9 @@ def run_dreambooth_reference(
             input_ids=input_ids,
             prior_preservation=prior_preservation,
             set_grads_to_none=(mode == "lora"),
+            amp=amp,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs=added,
         )
 
     times, cpu_times, losses = _time_steps(step, steps, warmup, device)
@@ -980,6 +1106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
     parser.add_argument("--prior", action="store_true", help="prior preservation (DreamBooth)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="as accelerate's --mixed_precision for the examples (GPU runs)",
+    )
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint(unet=args.unet or "tiny")
@@ -997,6 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             gradient_checkpointing=args.gradient_checkpointing,
             unet_config=args.unet,
+            mixed_precision=args.mixed_precision,
         )
     else:
         result = run_dreambooth_reference(
@@ -1011,6 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=args.warmup,
             gradient_checkpointing=args.gradient_checkpointing,
             unet_config=args.unet,
+            mixed_precision=args.mixed_precision,
         )
     result["run_s"] = round(time.perf_counter() - start, 2)
     print(json.dumps(result), flush=True)

@@ -370,3 +370,39 @@ def test_the_file_name_output_keeps_a_subfolder(sd15, embeddings_dir):
     *_, file_name = run_node(TRAIN, model=sd15["model"], clip=sd15["clip"], vae=sd15["vae"], images=_images(1), **settings)
     assert file_name == settings["file_name"] + ".safetensors"
     assert (embeddings_dir / file_name).is_file()
+
+
+@pytest.mark.parametrize("trainer_kind", ["textual_inversion", "dreambooth_lora"])
+def test_a_training_step_copies_no_frozen_unet_weight(sd15, monkeypatch, trainer_kind):
+    """Frozen weights are used where they lie, in forward and backward: a step of Textual
+    Inversion or LoRA casts no UNet weight into a copy (the model computes in its storage dtype
+    here); the text encoder, stored in float16 and computed in float32 as ComfyUI does, is cast."""
+    layers = pack_module("nodes.comfy_bridge.layers")
+    unet_modules = {id(m) for m in sd15["model"].model.diffusion_model.modules()}
+    copied = {"unet": 0, "text encoder": 0}
+    original = layers.cast
+
+    def counting(module, dtype, device):
+        weight, bias = original(module, dtype, device)
+        if weight is not module.weight:
+            copied["unet" if id(module) in unet_modules else "text encoder"] += weight.numel() * weight.element_size()
+        return weight, bias
+
+    monkeypatch.setattr(layers, "cast", counting)
+    images = pack_module("nodes.core.training_images").TrainingImageSet.from_image_batch(_images(2))
+    with torch.inference_mode(False), torch.enable_grad():
+        if trainer_kind == "textual_inversion":
+            settings = ti.TextualInversionSettings(trigger_word="<copies>", init_text="cat", steps=1, resolution=64, save=False)
+            init, _ = ti.initial_vectors(settings, sd15["clip"], None)
+            trainer = ti.TextualInversionTrainer(sd15["model"], sd15["clip"], sd15["vae"], images, settings, init)
+        else:
+            db = pack_module("nodes.training.dreambooth")
+            settings = db.DreamBoothSettings(mode="lora", steps=1, resolution=64, save=False, prior_preservation=False, pivotal_tuning=True)
+            plan = db.validate(settings, images, sd15["model"], sd15["clip"], None)
+            trainer = db.DreamBoothTrainer(sd15["model"], sd15["clip"], sd15["vae"], images, settings, plan)
+        copied.update(unet=0, **{"text encoder": 0})
+        trainer.step(1)
+    print(
+        f"{trainer_kind}: a step copies {copied['unet'] / 2**20:.1f} MB of UNet and {copied['text encoder'] / 2**20:.1f} MB of text-encoder weights"
+    )
+    assert copied["unet"] == 0
