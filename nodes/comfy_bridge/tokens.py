@@ -209,6 +209,13 @@ def bind_trigger_words(
     return bound
 
 
+def trigger_word_bindings(clip: comfy.sd.CLIP) -> dict[str, dict[str, torch.Tensor]]:
+    """The words bound on ``clip`` (by Apply Embedding or a trainer) and their vectors; a checkpoint
+    saved from the CLIP does not carry them, so worker processes bind them again."""
+    tokenizer = clip.tokenizer
+    return {word: dict(vectors) for word, vectors in tokenizer.bindings.items()} if isinstance(tokenizer, TriggerWordTokenizer) else {}
+
+
 def tokenize(clip: comfy.sd.CLIP, text: str) -> dict[str, list]:
     """ComfyUI's tokens for ``text``, live trainable vectors in place."""
     tokens = clip.tokenize(text)

@@ -112,6 +112,24 @@ class JobFolder:
 
     # ------------------------------------------------------------------ progress (rank 0 -> node)
 
+    def write_bindings(self, bindings: Mapping[str, Mapping[str, torch.Tensor]], name: str = "bindings") -> None:
+        """Trigger words bound on the node's CLIP, with their vectors (none: nothing written)."""
+        if bindings:
+            words = list(bindings)
+            tensors = {f"{number}/{key}": vectors for number, word in enumerate(words) for key, vectors in bindings[word].items()}
+            self.write_tensors(name, tensors, {"words": json.dumps(words)})
+
+    def read_bindings(self, name: str = "bindings") -> dict[str, dict[str, torch.Tensor]]:
+        if not self.has(f"{name}.safetensors"):
+            return {}
+        tensors, metadata = self.read_tensors(name)
+        words = json.loads(metadata["words"])
+        out: dict[str, dict[str, torch.Tensor]] = {word: {} for word in words}
+        for key, vectors in tensors.items():
+            number, encoder = key.split("/", 1)
+            out[words[int(number)]][encoder] = vectors
+        return out
+
     def append_progress(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(dict(record)) + "\n"
         with open(self.path / "progress.jsonl", "a", encoding="utf-8") as stream:

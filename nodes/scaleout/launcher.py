@@ -12,8 +12,9 @@ return, and the files land where they would.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from ..comfy_bridge import devices as device_bridge
-from ..comfy_bridge import folders, saving
+from ..comfy_bridge import folders, saving, tokens
 from ..comfy_bridge.progress import ComfyProgress
 from ..core.embedding_file import EmbeddingFile
 from ..core.training_images import TrainingImageSet
@@ -47,8 +48,8 @@ def check_devices(text: str, accelerate_config: str = "") -> list[str]:
         if not config.is_file():
             raise ValueError(f"accelerate config '{accelerate_config}' is not a file: write one with `accelerate config`")
         _check_accelerate_config(config)
-        if shutil.which("accelerate") is None:
-            raise ValueError("an accelerate config needs the accelerate package (pip install accelerate)")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError("an accelerate config needs the accelerate package in ComfyUI's Python (pip install accelerate)")
         return listed or ["accelerate"]
     cuda = [d for d in listed if d != "cpu"]
     if cuda and (not torch.cuda.is_available() or max(int(d[5:]) for d in cuda) >= torch.cuda.device_count()):
@@ -60,7 +61,9 @@ def check_devices(text: str, accelerate_config: str = "") -> list[str]:
 # The workers synchronise with plain torch.distributed data parallelism; accelerate only launches
 # them. A config asking for sharding (DeepSpeed, FSDP, Megatron) would otherwise start and silently
 # train unsharded, so it is refused.
-ACCELERATE_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU")
+# MULTI_CPU is left out too: on one machine accelerate then starts a single process (several need
+# mpirun); MULTI_GPU on a machine without GPUs runs the workers on the CPU (ACCELERATE_USE_CPU).
+ACCELERATE_TYPES = ("NO", "MULTI_GPU")
 
 
 def _check_accelerate_config(config: Path) -> None:
@@ -75,8 +78,9 @@ def _check_accelerate_config(config: Path) -> None:
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind not in ACCELERATE_TYPES:
         raise ValueError(
-            f"accelerate config '{config}' asks for distributed_type {kind}: the pack trains with data parallelism "
-            f"only; set distributed_type to MULTI_GPU (MULTI_CPU without GPUs). DeepSpeed and FSDP are not supported"
+            f"accelerate config '{config}' asks for distributed_type {kind}: set it to MULTI_GPU (machines without GPUs "
+            f"too: the workers then run on the CPU). The pack trains with data parallelism only: DeepSpeed, FSDP and "
+            f"Megatron are not supported, and MULTI_CPU would start a single process"
         )
 
 
@@ -98,7 +102,8 @@ def _command(job: JobFolder, devices: list[str], accelerate_config: str) -> tupl
         if all(d == "cpu" for d in devices if d != "accelerate") and not torch.cuda.is_available():
             # Without it accelerate runs every process as rank 0 on a machine with no GPU.
             env["ACCELERATE_USE_CPU"] = "1"
-        return ["accelerate", "launch", "--config_file", str(Path(accelerate_config.strip()).expanduser()), *script], env
+        config = str(Path(accelerate_config.strip()).expanduser())
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *script], env
     cuda = [d[5:] for d in devices if d != "cpu"]
     if cuda:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
@@ -192,6 +197,7 @@ def run_job(
         elif isinstance(value, torch.Tensor):
             job.write_tensors(name, {"images": value})
     job.write_images(images)
+    job.write_bindings(tokens.trigger_word_bindings(clip))
     checkpoint = saving.export_checkpoint(model, clip, vae)
     listed = [d for d in devices if d != "accelerate"]
     job.write_spec(
@@ -199,6 +205,8 @@ def run_job(
     )
     device_bridge.free_all()  # the workers take the GPUs
     command, env = _command(job, devices, accelerate_config)
+    # Other machines join with this job file (README, "Several GPUs and machines").
+    logging.info("personalize: training on worker processes, job %s: %s", job.path / "job.json", " ".join(command))
     host = ComfyProgress(settings.steps, node_id, kind or trainer)
     with open(job.path / "launcher.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -266,7 +274,6 @@ def train_dreambooth(
     node_id: str | None = None,
 ) -> Any:
     """``training.dreambooth.train_dreambooth`` on worker processes; the same result."""
-    from ..comfy_bridge import tokens
     from ..training import dreambooth as db
 
     db.validate(settings, images, model, clip, class_images)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..comfy_bridge import saving
+from ..comfy_bridge import saving, tokens
 from ..core.distributed import Partition
 from ..core.embedding_file import read_embedding
 from ..training import dreambooth, textual_inversion
@@ -114,7 +114,9 @@ def run(job_dir: Path, device: str) -> int:
         partition = Partition(torch.distributed.get_rank(), torch.distributed.get_world_size())
         rank = partition.rank
         with torch.inference_mode():
-            models = saving.load_checkpoint(Path(spec.checkpoint))
+            model, clip, vae = saving.load_checkpoint(Path(spec.checkpoint))
+        bindings = job.read_bindings()
+        models = (model, tokens.bind_trigger_words(clip, bindings) if bindings else clip, vae)
         host = JobProgress(job, rank)
         train = _textual_inversion if spec.trainer == "textual_inversion" else _dreambooth
         trained = train(job, spec, models, partition, host)

@@ -9,8 +9,11 @@ node with its message; one device never starts a process.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -77,7 +80,7 @@ def test_devices_are_read_and_checked_before_any_work(tmp_path):
         launcher.check_devices("", "/nowhere/accelerate.yaml")
     config = tmp_path / "accelerate.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n")
-    with pytest.raises(ValueError, match="distributed_type DEEPSPEED: the pack trains with data parallelism only"):
+    with pytest.raises(ValueError, match="distributed_type DEEPSPEED: set it to MULTI_GPU"):
         launcher.check_devices("", str(config))
     config.write_text("- not\n- settings\n")
     with pytest.raises(ValueError, match="is not an accelerate config"):
@@ -114,16 +117,47 @@ def test_one_device_never_starts_a_process(sd15, monkeypatch):
     assert started == []
 
 
-def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_batches(sd15):
+def _accelerate_config(folder: Path, processes: int) -> Path:
+    """What `accelerate config` writes for one machine with several GPUs (here run on the CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = folder / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: all\nmachine_rank: 0\n"
+        f"main_process_ip: 127.0.0.1\nmain_process_port: {port}\nmixed_precision: 'no'\nnum_machines: 1\n"
+        f"num_processes: {processes}\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_batches(sd15, launch, tmp_path):
     images = TrainingImageSet.from_image_batch(_images())
-    common = dict(init_text="cat", steps=2, resolution=64, seed=7, learning_rate="0.01", save=False)
+    # A word bound on the input CLIP (as Apply Embedding binds it) means the same in the workers.
+    tokens = pack_module("nodes.comfy_bridge.tokens")
+    generator = torch.Generator().manual_seed(3)
+    bound = {key: torch.randn(2, width, generator=generator) for key, width in tokens.text_encoder_widths(sd15["clip"]).items()}
+    clip = tokens.bind_trigger_words(sd15["clip"], {"<bound>": bound})
+    common = dict(
+        init_text="cat",
+        steps=2,
+        resolution=64,
+        seed=7,
+        learning_rate="0.01",
+        save=False,
+        templates="custom",
+        custom_templates="a photo of {} next to <bound>",
+    )
     settings = ti.TextualInversionSettings(trigger_word="<two>", **common)
+    config = str(_accelerate_config(tmp_path, 2)) if launch == "accelerate" else ""
+    devices = launcher.check_devices("" if config else "cpu,cpu", config)
     before = _job_folders()
     with torch.inference_mode():
-        two = launcher.train_textual_inversion(sd15["model"], sd15["clip"], sd15["vae"], images, settings, TWO_CPUS)
+        two = launcher.train_textual_inversion(sd15["model"], clip, sd15["vae"], images, settings, devices, config)
         one = ti.train_textual_inversion(
             sd15["model"],
-            sd15["clip"],
+            clip,
             sd15["vae"],
             images,
             ti.TextualInversionSettings(trigger_word="<two>", gradient_accumulation=2, **common),
@@ -133,7 +167,7 @@ def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_bat
     assert [s["rank"] for s in states] == [0, 1] and states[0]["digests"] == states[1]["digests"], "both processes end the same"
     torch.testing.assert_close(two.embedding.vectors["clip_l"], one.embedding.vectors["clip_l"], rtol=1e-5, atol=1e-6)
     assert two.losses.raw["loss"] == pytest.approx(one.losses.raw["loss"], rel=1e-5)
-    assert "trained on cpu, cpu" in two.notes
+    assert f"trained on {'accelerate' if config else 'cpu, cpu'}" in two.notes
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -194,7 +228,8 @@ def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd
     assert two.class_images == "generated" and one.class_images == "cached", "the processes shared the sampling and wrote the cache"
 
 
-def test_cancel_ends_every_worker_and_keeps_the_last_save(sd15, embeddings_dir):
+def test_cancel_ends_every_worker_and_keeps_the_last_save(sd15, embeddings_dir, caplog):
+    caplog.set_level(logging.INFO)
     name = f"cancelled-{uuid.uuid4().hex[:6]}"
     settings = ti.TextualInversionSettings(
         trigger_word=f"<{name}>", init_text="cat", steps=200, save_every=1, resolution=64, file_name=name
@@ -206,6 +241,8 @@ def test_cancel_ends_every_worker_and_keeps_the_last_save(sd15, embeddings_dir):
     assert _workers() == [], "no worker process is left"
     saved = pack_module("nodes.core.embedding_file").read_embedding(embeddings_dir / f"{name}.safetensors")
     assert int(saved.metadata["steps"]) >= 1, "the last periodic save stays"
+    [job_file] = re.findall(r"on worker processes, job (\S+job\.json)", caplog.text)
+    assert Path(job_file).is_file(), "the log names the job file other machines join with"
 
 
 def test_a_worker_that_dies_is_reported_on_the_node(sd15):
