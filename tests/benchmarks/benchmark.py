@@ -142,9 +142,9 @@ def plot(rows: Sequence[dict[str, Any]], target: Path) -> Path:
         ):
             ax = axes[line][column]
             for side, style in (("pack", "-o"), ("reference", "--s")):
-                for batch in sorted({r["batch_size"] for r in selected}):
+                for number, batch in enumerate(sorted({r["batch_size"] for r in selected})):
                     points = [(r["resolution"] ** 2 * batch / 1e6, pick(r[side])) for r in selected if r["batch_size"] == batch]
-                    ax.plot(*zip(*points, strict=True), style, label=f"{side}, batch {batch}")
+                    ax.plot(*zip(*points, strict=True), style, color=f"C{number}", label=f"{side}, batch {batch}")
             ax.set_xlabel("megapixels per step (resolution² × batch)")
             ax.set_ylabel(unit)
             ax.set_title(f"{LABEL[mode]}: {what}")

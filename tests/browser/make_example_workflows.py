@@ -484,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
     parser.add_argument("--only", action="append", choices=sorted(WORKFLOWS), help="just this workflow (repeatable)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder to write (default: example_workflows/)")
+    parser.add_argument(
+        "--screenshots",
+        type=Path,
+        default=None,
+        help="also save a picture of each workflow as it opens, as DIR/workflow-<name>.png (web/docs/ for the README)",
+    )
     args = parser.parse_args(argv)
 
     from browser_driver import Browser, check_prerequisites
@@ -519,6 +525,15 @@ def main(argv: list[str] | None = None) -> int:
                         print(
                             f"{name}: wrote {target} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links; user files: {files})"
                         )
+                if args.screenshots is not None:
+                    args.screenshots = args.screenshots.resolve()  # the driver runs in another folder
+                    args.screenshots.mkdir(parents=True, exist_ok=True)
+                    browser.cmd("viewport", width=1920, height=1280)  # each example whole, at the zoom it opens with
+                    for name in names:
+                        browser.close_dialogs()
+                        browser.load(json.loads((args.out / f"{name}.json").read_text(encoding="utf-8")), name=f"{name}.json")
+                        browser.screenshot(args.screenshots / f"workflow-{name}.png")
+                        print(f"{name}: picture {args.screenshots / f'workflow-{name}.png'}")
                 errors = browser.errors()["pageErrors"]
                 if errors:
                     print(f"page errors: {errors}", file=sys.stderr)
