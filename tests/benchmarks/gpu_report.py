@@ -64,7 +64,12 @@ def _row(run: tuple, measured: dict[str, Any]) -> str:
     ours, ref = measured["pack"], measured["reference"]
     its, ref_its = 1 / ours["s_per_step"], 1 / ref["s_per_step"]
     mem, ref_mem = _memory_mb(ours), _memory_mb(ref)
-    checks = ["ahead" if its > ref_its else "BEHIND the reference"]
+    checks = ["faster" if its > ref_its else "SLOWER than the reference"]
+    # Peaks include the loaded models (the SDXL reference loads no text encoder): the verdict
+    # compares what training adds, as benchmark.py does.
+    adds, ref_adds = benchmark._memory(ours), benchmark._memory(ref)
+    if adds is not None and ref_adds is not None:
+        checks.append("adds less memory" if adds <= ref_adds else "adds MORE memory than the reference")
     if limit is not None:
         checks.append(f"{'under' if mem < limit else 'OVER'} {limit / 1024:.0f} GB")
     if floor is not None:
