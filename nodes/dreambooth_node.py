@@ -8,7 +8,7 @@ from .core.loss_curve import draw_loss_curve
 from .graph_types import CATEGORY
 from .node_inputs import IMAGES_TOOLTIP, file_hash, image_inputs, resolution_input, shared, training_images
 from .scaleout import launcher
-from .training.dreambooth import NO_RESUME, DreamBoothSettings, train_dreambooth
+from .training.dreambooth import NO_RESUME, DreamBoothSettings
 
 NO_RESUME_CHOICE = "(none: start fresh)"
 
@@ -290,12 +290,9 @@ class DreamBoothFinetune:
         listed = launcher.check_devices(devices, accelerate_config)
         images_given = training_images(images, image_set)
         training_settings = DreamBoothSettings(bucketing=aspect_buckets, resume_from=resume, **settings)
-        if launcher.distributed(listed):
-            result = launcher.train_dreambooth(
-                model, clip, vae, images_given, training_settings, listed, accelerate_config, class_images, unique_id
-            )
-        else:
-            result = train_dreambooth(model, clip, vae, images_given, training_settings, class_images=class_images, node_id=unique_id)
+        result = launcher.train_dreambooth(
+            model, clip, vae, images_given, training_settings, listed, accelerate_config, class_images, unique_id
+        )
         raw = {k: v for k, v in result.losses.raw.items() if k != "loss"}
         smoothed = {k: v for k, v in result.losses.smoothed.items() if k != "loss"}
         curve = draw_loss_curve(

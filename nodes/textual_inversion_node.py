@@ -9,7 +9,7 @@ from .core.prompts import TEMPLATE_CHOICES
 from .graph_types import CATEGORY, EMBEDDING
 from .node_inputs import IMAGES_TOOLTIP, file_hash, image_inputs, resolution_input, shared, training_images
 from .scaleout import launcher
-from .training.textual_inversion import TextualInversionSettings, train_textual_inversion
+from .training.textual_inversion import TextualInversionSettings
 
 NO_RESUME = "(none: start from the init text)"
 
@@ -153,12 +153,9 @@ class TrainTextualInversion:
         listed = launcher.check_devices(devices, accelerate_config)
         images_given = training_images(images, image_set)
         training_settings = TextualInversionSettings(bucketing=aspect_buckets, **settings)
-        if launcher.distributed(listed):
-            result = launcher.train_textual_inversion(
-                model, clip, vae, images_given, training_settings, listed, accelerate_config, resume, unique_id
-            )
-        else:
-            result = train_textual_inversion(model, clip, vae, images_given, training_settings, resume=resume, node_id=unique_id)
+        result = launcher.train_textual_inversion(
+            model, clip, vae, images_given, training_settings, listed, accelerate_config, resume, unique_id
+        )
         bound = tokens.bind_trigger_words(clip, {result.embedding.name: result.embedding.vectors})
         curve = draw_loss_curve(
             result.losses.steps, result.losses.raw, result.losses.smoothed, title=f"Textual Inversion: {result.embedding.name}"

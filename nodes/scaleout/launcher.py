@@ -234,9 +234,12 @@ def train_textual_inversion(
     resume: EmbeddingFile | None = None,
     node_id: str | None = None,
 ) -> Any:
-    """``training.textual_inversion.train_textual_inversion`` on worker processes; the same result."""
+    """``training.textual_inversion.train_textual_inversion`` on ``devices``: worker processes when
+    they are several, else in this process as without the setting; the same result either way."""
     from ..training import textual_inversion as ti
 
+    if not distributed(devices):
+        return ti.train_textual_inversion(model, clip, vae, images, settings, resume=resume, node_id=node_id)
     ti.validate(settings, images, clip, resume)  # every check before any work, here as in-process
     job = run_job(
         "textual_inversion",
@@ -273,9 +276,12 @@ def train_dreambooth(
     class_images: torch.Tensor | None = None,
     node_id: str | None = None,
 ) -> Any:
-    """``training.dreambooth.train_dreambooth`` on worker processes; the same result."""
+    """``training.dreambooth.train_dreambooth`` on ``devices``: worker processes when they are
+    several, else in this process as without the setting; the same result either way."""
     from ..training import dreambooth as db
 
+    if not distributed(devices):
+        return db.train_dreambooth(model, clip, vae, images, settings, class_images=class_images, node_id=node_id)
     db.validate(settings, images, model, clip, class_images)
     job = run_job(
         "dreambooth",

@@ -109,7 +109,7 @@ def measure(mode: str, resolution: int, batch: int, args: argparse.Namespace, ch
     return {"mode": mode, "resolution": resolution, "batch_size": batch, "unet": args.unet, "pack": ours, "reference": theirs}
 
 
-def _memory(side: dict[str, Any]) -> float | None:
+def memory_added(side: dict[str, Any]) -> float | None:
     return side.get("train_overhead_cuda_peak_mb", side.get("train_overhead_peak_rss_mb"))
 
 
@@ -118,7 +118,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in rows:
         ours, ref = row["pack"], row["reference"]
-        mem_ours, mem_ref = _memory(ours), _memory(ref)
+        mem_ours, mem_ref = memory_added(ours), memory_added(ref)
         config = f"{LABEL[row['mode']]}, {row['unet']}, {row['resolution']}², batch {row['batch_size']}"
         speed = ref["s_per_step"] / ours["s_per_step"] if ours.get("s_per_step") else float("nan")
         share = f"{100 * mem_ours / mem_ref:.0f} %" if mem_ours is not None and mem_ref else "–"
@@ -138,7 +138,7 @@ def plot(rows: Sequence[dict[str, Any]], target: Path) -> Path:
     for line, mode in enumerate(modes):
         selected = sorted((r for r in rows if r["mode"] == mode), key=lambda r: (r["batch_size"], r["resolution"]))
         for column, (what, pick, unit) in enumerate(
-            (("step time", lambda s: s["s_per_step"], "s/step"), ("memory training adds", _memory, "MB"))
+            (("step time", lambda s: s["s_per_step"], "s/step"), ("memory training adds", memory_added, "MB"))
         ):
             ax = axes[line][column]
             for side, style in (("pack", "-o"), ("reference", "--s")):

@@ -67,7 +67,7 @@ def _row(run: tuple, measured: dict[str, Any]) -> str:
     checks = ["faster" if its > ref_its else "SLOWER than the reference"]
     # Peaks include the loaded models (the SDXL reference loads no text encoder): the verdict
     # compares what training adds, as benchmark.py does.
-    adds, ref_adds = benchmark._memory(ours), benchmark._memory(ref)
+    adds, ref_adds = benchmark.memory_added(ours), benchmark.memory_added(ref)
     if adds is not None and ref_adds is not None:
         checks.append("adds less memory" if adds <= ref_adds else "adds MORE memory than the reference")
     if limit is not None:

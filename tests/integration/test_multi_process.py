@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -119,9 +118,7 @@ def test_one_device_never_starts_a_process(sd15, monkeypatch):
 
 def _accelerate_config(folder: Path, processes: int) -> Path:
     """What `accelerate config` writes for one machine with several GPUs (here run on the CPU)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launcher._free_port()
     config = folder / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: all\nmachine_rank: 0\n"
