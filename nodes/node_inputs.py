@@ -86,14 +86,14 @@ SHARED_INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
         "STRING",
         {
             "default": "",
-            "tooltip": "Train on several devices at once: cuda:0,cuda:1 (or 0,1) starts one worker process per GPU (torchrun) that share every step; cpu,cpu two CPU workers. Empty (or one device): the device ComfyUI uses, in ComfyUI's own process.",
+            "tooltip": "Train on several devices at once: cuda:0,cuda:1 (or 0,1) starts one worker process per GPU (torchrun) that share every step; cpu,cpu two CPU workers. Full fine-tuning then divides its optimizer state among them (ZeRO stage 2). Empty (or one device): the device ComfyUI uses, in ComfyUI's own process.",
         },
     ),
     "accelerate_config": (
         "STRING",
         {
             "default": "",
-            "tooltip": "Optional: the path of an accelerate config file (made with `accelerate config`). The workers are then started with accelerate launch, e.g. across several machines (see the README).",
+            "tooltip": "Optional: the path of an accelerate config file (made with `accelerate config`). The workers are then started with accelerate launch, e.g. across several machines (see the README). MULTI_GPU, DeepSpeed ZeRO stage 1-2 and FSDP SHARD_GRAD_OP are accepted (the pack shards the optimizer state itself); ZeRO-3, FULL_SHARD and offloading are refused.",
         },
     ),
     "precision": (

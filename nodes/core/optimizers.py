@@ -17,8 +17,8 @@ served: weights, gradients and two moment estimates. Two standard ways down, bot
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 
@@ -287,19 +287,35 @@ def _fused_update(
     return True
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensors in ``optimizer``'s state (moments, step counters)."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class GradientSync(Protocol):
+    """How a gradient is shared across processes (``core.distributed``): ``reduce`` sums it where
+    it is needed and says whether this process steps the tensor; ``publish`` then sends the
+    stepped tensor to the processes that did not step it."""
+
+    def reduce(self, param: torch.Tensor) -> bool: ...
+
+    def publish(self, param: torch.Tensor) -> None: ...
+
+
 class FusedBackwardStep:
     """Step each parameter as soon as backward has finished its gradient, then free it.
 
     Only for one backward per optimizer step (no gradient accumulation): the hook fires
     once per ``backward()`` call, after every use of the parameter in that graph.
     ``max_grad_norm`` > 0 clips each gradient tensor on its own (the whole-model norm
-    is never available).
+    is never available). ``sync``: several processes' gradients summed before the step (every
+    process runs the same graph, so the hooks fire in the same order everywhere).
     """
 
-    def __init__(self, optimizer: AdamW, max_grad_norm: float = 0.0, reduce: Callable[[torch.Tensor], None] | None = None):
+    def __init__(self, optimizer: AdamW, max_grad_norm: float = 0.0, sync: GradientSync | None = None):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
-        self.reduce = reduce  # e.g. summing the gradient across processes, before it is used
+        self.sync = sync
         self.steps = 0
         self._handles = [
             param.register_post_accumulate_grad_hook(self._hook) for group in optimizer.param_groups for param in group["params"]
@@ -308,13 +324,17 @@ class FusedBackwardStep:
     def _hook(self, param: torch.Tensor) -> None:
         if param.grad is None:
             return
-        if self.reduce is not None:
-            self.reduce(param.grad)
+        self.steps += 1
+        if self.sync is not None and not self.sync.reduce(param):
+            param.grad = None
+            self.sync.publish(param)  # receives the owner's stepped value
+            return
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
         self.optimizer.step_parameter(param)
-        self.steps += 1
         param.grad = None
+        if self.sync is not None:
+            self.sync.publish(param)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,9 +1,10 @@
 """A multi-process training job on disk: what the node hands its worker processes, and what
-they hand back. Plain Python, safetensors and JSON (no pickle, no ComfyUI import).
+they hand back. Plain Python, safetensors, JSON and YAML (no pickle, no ComfyUI import).
 
 A job folder holds:
 
-- ``job.json``: what to train (trainer, settings, the exported checkpoint, ComfyUI's folders, devices);
+- ``job.json``: what to train (trainer, settings, the exported checkpoint, ComfyUI's folders, devices,
+  whether full fine-tuning shards its optimizer state); ``accelerate.yaml``: the config accelerate launched with;
 - ``images.safetensors``: the training images (``image_N`` [H, W, 3], captions in the metadata),
   and ``class_images.safetensors`` / ``resume.safetensors`` when given;
 - ``progress.jsonl``: one line per reported step, written by rank 0 (previews as JPEG files);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,13 @@ import torch
 
 from ..core.files import atomic_write
 from ..core.training_images import TrainingImage, TrainingImageSet
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group to meet on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_devices(text: str) -> list[str]:
@@ -64,6 +73,7 @@ class JobSpec:
     devices: list[str]
     node_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    shard_optimizer_state: bool = True  # full fine-tuning's optimizer state divided among the workers
 
 
 class JobFolder:
@@ -150,6 +160,12 @@ class JobFolder:
         return lines, offset + end
 
     # ------------------------------------------------------------------ results and errors
+
+    def write_yaml(self, name: str, value: Mapping[str, Any]) -> Path:
+        import yaml
+
+        text = yaml.safe_dump(dict(value), sort_keys=False)
+        return atomic_write(self.path / f"{name}.yaml", lambda temp: temp.write_text(text, encoding="utf-8"), overwrite=True)
 
     def write_json(self, name: str, value: Any) -> Path:
         text = json.dumps(value, indent=1, default=str)

@@ -16,12 +16,11 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from ..comfy_bridge.progress import ComfyProgress
 from ..core.embedding_file import EmbeddingFile
 from ..core.training_images import TrainingImageSet
 from ..core.training_math import LossTracker
-from .jobs import JobFolder, JobSpec, parse_devices
+from .jobs import JobFolder, JobSpec, free_port, parse_devices
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 STOP_GRACE_S = 10.0
@@ -44,10 +43,7 @@ def check_devices(text: str, accelerate_config: str = "") -> list[str]:
     they do not exist here."""
     listed = parse_devices(text)
     if accelerate_config.strip():
-        config = Path(accelerate_config.strip()).expanduser()
-        if not config.is_file():
-            raise ValueError(f"accelerate config '{accelerate_config}' is not a file: write one with `accelerate config`")
-        _check_accelerate_config(config)
+        read_accelerate_config(accelerate_config)
         if importlib.util.find_spec("accelerate") is None:
             raise ValueError("an accelerate config needs the accelerate package in ComfyUI's Python (pip install accelerate)")
         return listed or ["accelerate"]
@@ -58,17 +54,43 @@ def check_devices(text: str, accelerate_config: str = "") -> list[str]:
     return listed
 
 
-# The workers synchronise with plain torch.distributed data parallelism; accelerate only launches
-# them. A config asking for sharding (DeepSpeed, FSDP, Megatron) would otherwise start and silently
-# train unsharded, so it is refused.
+# The workers synchronise with plain torch.distributed (core.distributed); accelerate only launches
+# them. Full fine-tuning on several processes shards the optimizer state and gradients (ZeRO stage 2,
+# FSDP's SHARD_GRAD_OP), so a DeepSpeed or FSDP config asking for that much is honoured by the pack's
+# own sharding and launched as MULTI_GPU (DeepSpeed's launcher is not needed). What would silently
+# not happen is refused: parameter sharding (ZeRO-3, FULL_SHARD), offloading, Megatron.
 # MULTI_CPU is left out too: on one machine accelerate then starts a single process (several need
 # mpirun); MULTI_GPU on a machine without GPUs runs the workers on the CPU (ACCELERATE_USE_CPU).
-ACCELERATE_TYPES = ("NO", "MULTI_GPU")
+ACCELERATE_TYPES = ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
+FSDP_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")  # accelerate's order, from 1
+_STAGE_TWO = "the pack's workers each hold the whole model and shard the optimizer state and gradients (ZeRO stage 2)"
 
 
-def _check_accelerate_config(config: Path) -> None:
+@dataclass(frozen=True)
+class AccelerateConfig:
+    path: Path
+    settings: dict[str, Any]
+    kind: str  # distributed_type
+    shard_optimizer_state: bool  # what the config asks for, as the pack does it
+
+    def for_launch(self) -> dict[str, Any]:
+        """The config accelerate launch is given: the same processes and machines, the pack's own
+        synchronisation (sharding travels in the job file)."""
+        if self.kind not in ("DEEPSPEED", "FSDP"):
+            return dict(self.settings)
+        settings = {k: v for k, v in self.settings.items() if k not in ("deepspeed_config", "fsdp_config", "megatron_lm_config")}
+        settings["distributed_type"] = "MULTI_GPU"
+        return settings
+
+
+def read_accelerate_config(text: str) -> AccelerateConfig:
+    """An accelerate config file, checked before any work: refused, with what to change, where it
+    asks for what the workers would not do."""
     import yaml  # ComfyUI's own requirement; accelerate writes YAML (JSON reads as YAML too)
 
+    config = Path(text.strip()).expanduser()
+    if not config.is_file():
+        raise ValueError(f"accelerate config '{text}' is not a file: write one with `accelerate config`")
     try:
         settings = yaml.safe_load(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
@@ -79,9 +101,62 @@ def _check_accelerate_config(config: Path) -> None:
     if kind not in ACCELERATE_TYPES:
         raise ValueError(
             f"accelerate config '{config}' asks for distributed_type {kind}: set it to MULTI_GPU (machines without GPUs "
-            f"too: the workers then run on the CPU). The pack trains with data parallelism only: DeepSpeed, FSDP and "
-            f"Megatron are not supported, and MULTI_CPU would start a single process"
+            f"too: the workers then run on the CPU), DEEPSPEED (ZeRO stage 1 or 2) or FSDP (SHARD_GRAD_OP). Megatron is "
+            f"not supported, and MULTI_CPU would start a single process"
         )
+    shard = True
+    if kind == "DEEPSPEED":
+        shard = _deepspeed_shards(config, settings.get("deepspeed_config") or {})
+    elif kind == "FSDP":
+        shard = _fsdp_shards(config, settings.get("fsdp_config") or {})
+    return AccelerateConfig(config, settings, kind, shard)
+
+
+def _deepspeed_shards(config: Path, deepspeed: dict[str, Any]) -> bool:
+    stage, offload = deepspeed.get("zero_stage", 2), [deepspeed.get("offload_optimizer_device"), deepspeed.get("offload_param_device")]
+    if deepspeed.get("deepspeed_config_file"):
+        import json
+
+        path = Path(str(deepspeed["deepspeed_config_file"])).expanduser()
+        try:
+            zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization") or {}
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"accelerate config '{config}': its DeepSpeed file '{path}' cannot be read ({error})") from error
+        stage = zero.get("stage", 0)
+        offload = [(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")]
+    try:
+        stage = int(stage)
+    except (TypeError, ValueError):
+        raise ValueError(f"accelerate config '{config}': zero_stage '{stage}' is not a number; set it to 2") from None
+    if stage >= 3:
+        raise ValueError(
+            f"accelerate config '{config}' asks for ZeRO stage {stage}, which shards the parameters too: {_STAGE_TWO}; set zero_stage: 2"
+        )
+    if any(str(device or "none").lower() != "none" for device in offload):
+        raise ValueError(
+            f"accelerate config '{config}' offloads to {', '.join(str(d) for d in offload if str(d or 'none').lower() != 'none')}: "
+            "offloading is not built; set offload_optimizer_device and offload_param_device to none"
+        )
+    return stage >= 1
+
+
+def _fsdp_shards(config: Path, fsdp: dict[str, Any]) -> bool:
+    if str(fsdp.get("fsdp_offload_params", False)).lower() in ("true", "1", "yes"):
+        raise ValueError(f"accelerate config '{config}' offloads parameters to the CPU: not built; set fsdp_offload_params: false")
+    strategy = fsdp.get("fsdp_reshard_after_forward", fsdp.get("fsdp_sharding_strategy", "FULL_SHARD"))
+    if isinstance(strategy, bool) or str(strategy).lower() in ("true", "false"):
+        strategy = "FULL_SHARD" if str(strategy).lower() == "true" else "SHARD_GRAD_OP"  # FSDP2's switch
+    elif str(strategy).isdigit() and 1 <= int(strategy) <= len(FSDP_STRATEGIES):
+        strategy = FSDP_STRATEGIES[int(strategy) - 1]
+    strategy = str(strategy).upper()
+    if strategy not in FSDP_STRATEGIES:
+        raise ValueError(f"accelerate config '{config}': FSDP sharding strategy '{strategy}' is unknown; use SHARD_GRAD_OP")
+    if strategy in ("FULL_SHARD", "HYBRID_SHARD"):
+        raise ValueError(
+            f"accelerate config '{config}' asks for FSDP {strategy}, which shards the parameters too: {_STAGE_TWO}; "
+            "set fsdp_sharding_strategy: SHARD_GRAD_OP (FSDP2: fsdp_reshard_after_forward: false)"
+        )
+    return strategy != "NO_SHARD"
 
 
 def distributed(devices: list[str]) -> bool:
@@ -89,21 +164,16 @@ def distributed(devices: list[str]) -> bool:
     return len(devices) > 1 or devices == ["accelerate"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(job: JobFolder, devices: list[str], accelerate_config: str) -> tuple[list[str], dict[str, str]]:
+def _command(job: JobFolder, devices: list[str], accelerate: AccelerateConfig | None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     script = [str(WORKER), "--job", str(job.path / "job.json")]
-    if accelerate_config.strip():
+    if accelerate is not None:
         if all(d == "cpu" for d in devices if d != "accelerate") and not torch.cuda.is_available():
             # Without it accelerate runs every process as rank 0 on a machine with no GPU.
             env["ACCELERATE_USE_CPU"] = "1"
-        config = str(Path(accelerate_config.strip()).expanduser())
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *script], env
+        # The config as launched, in the job folder: other machines join with it (--machine_rank N).
+        config = job.write_yaml("accelerate", accelerate.for_launch())
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *script], env
     cuda = [d[5:] for d in devices if d != "cpu"]
     if cuda:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
@@ -118,7 +188,7 @@ def _command(job: JobFolder, devices: list[str], accelerate_config: str) -> tupl
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         *script,
     ]
     return command, env
@@ -188,8 +258,10 @@ def run_job(
     node_id: str | None = None,
     kind: str = "",
     extra: dict[str, Any] | None = None,
+    shard_optimizer_state: bool | None = None,
 ) -> JobFolder:
-    """Train on worker processes; returns the finished job's folder (its results)."""
+    """Train on worker processes; returns the finished job's folder (its results).
+    ``shard_optimizer_state``: None is what the accelerate config asks for (else yes)."""
     job = JobFolder(folders.cache_folder() / "jobs" / f"{trainer}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     for name, value in (extra or {}).items():
         if isinstance(value, EmbeddingFile):
@@ -198,13 +270,27 @@ def run_job(
             job.write_tensors(name, {"images": value})
     job.write_images(images)
     job.write_bindings(tokens.trigger_word_bindings(clip))
+    accelerate = read_accelerate_config(accelerate_config) if accelerate_config.strip() else None
     checkpoint = saving.export_checkpoint(model, clip, vae)
     listed = [d for d in devices if d != "accelerate"]
     job.write_spec(
-        JobSpec(trainer, asdict(settings), str(checkpoint), str(folders.comfyui_directory()), folders.snapshot(), listed, node_id)
+        JobSpec(
+            trainer,
+            asdict(settings),
+            str(checkpoint),
+            str(folders.comfyui_directory()),
+            folders.snapshot(),
+            listed,
+            node_id,
+            shard_optimizer_state=(
+                shard_optimizer_state
+                if shard_optimizer_state is not None
+                else (accelerate.shard_optimizer_state if accelerate is not None else True)
+            ),
+        )
     )
     device_bridge.free_all()  # the workers take the GPUs
-    command, env = _command(job, devices, accelerate_config)
+    command, env = _command(job, devices, accelerate)
     # Other machines join with this job file (README, "Several GPUs and machines").
     logging.info("personalize: training on worker processes, job %s: %s", job.path / "job.json", " ".join(command))
     host = ComfyProgress(settings.steps, node_id, kind or trainer)

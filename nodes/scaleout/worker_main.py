@@ -4,6 +4,7 @@ of every step, and, as rank 0, report progress and write the results and files."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -17,7 +18,7 @@ from ..comfy_bridge import saving, tokens
 from ..core.distributed import Partition
 from ..core.embedding_file import read_embedding
 from ..training import dreambooth, textual_inversion
-from .jobs import JobFolder, tensor_digests
+from .jobs import JobFolder, free_port, tensor_digests
 
 
 class JobProgress:
@@ -55,7 +56,9 @@ def _losses(tracker: Any) -> dict[str, Any]:
     return {"steps": tracker.steps, "raw": tracker.raw, "smoothed": tracker.smoothed}
 
 
-def _textual_inversion(job: JobFolder, spec: Any, models: tuple, partition: Partition, host: JobProgress) -> dict[str, torch.Tensor]:
+def _textual_inversion(
+    job: JobFolder, spec: Any, models: tuple, partition: Partition, host: JobProgress
+) -> tuple[dict[str, torch.Tensor], int]:
     settings = textual_inversion.TextualInversionSettings(**spec.settings)
     resume = read_embedding(job.path / "resume.safetensors") if job.has("resume.safetensors") else None
     result = textual_inversion.train_textual_inversion(*models, job.read_images(), settings, resume=resume, host=host, partition=partition)
@@ -70,10 +73,11 @@ def _textual_inversion(job: JobFolder, spec: Any, models: tuple, partition: Part
                 "total_steps": result.total_steps,
             },
         )
-    return result.embedding.vectors
+    return result.embedding.vectors, 0  # a few vectors' optimizer state: not worth counting
 
 
-def _dreambooth(job: JobFolder, spec: Any, models: tuple, partition: Partition, host: JobProgress) -> dict[str, torch.Tensor]:
+def _dreambooth(job: JobFolder, spec: Any, models: tuple, partition: Partition, host: JobProgress) -> tuple[dict[str, torch.Tensor], int]:
+    """Trains; (the trained tensors, for the ranks' digests; the bytes of this rank's optimizer state)."""
     settings = dreambooth.DreamBoothSettings(**spec.settings)
     class_images = job.read_tensors("class_images")[0]["images"] if job.has("class_images.safetensors") else None
     result = dreambooth.train_dreambooth(*models, job.read_images(), settings, class_images=class_images, host=host, partition=partition)
@@ -101,7 +105,30 @@ def _dreambooth(job: JobFolder, spec: Any, models: tuple, partition: Partition, 
                 "losses": _losses(result.losses),
             },
         )
-    return trained
+    return trained, result.optimizer_state_bytes
+
+
+def _memory(device: str, field: str) -> int:
+    """This process's memory: ``field`` "now" or "peak" (since the last reset): allocated GPU
+    memory on CUDA; resident memory on the CPU (Linux's VmRSS / VmHWM; 0 where not readable)."""
+    if device != "cpu" and torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated() if field == "now" else torch.cuda.max_memory_allocated())
+    name = "VmRSS:" if field == "now" else "VmHWM:"
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith(name):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")  # Linux: VmHWM starts again from VmRSS
 
 
 def run(job_dir: Path, device: str) -> int:
@@ -110,18 +137,34 @@ def run(job_dir: Path, device: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         # The launcher (torchrun, accelerate launch) says where the group meets: env:// variables.
+        # accelerate's single-process launch (distributed_type NO) sets none: a group of one.
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(
+                {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+            )
         torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
-        partition = Partition(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        partition = Partition(torch.distributed.get_rank(), torch.distributed.get_world_size(), spec.shard_optimizer_state)
         rank = partition.rank
         with torch.inference_mode():
             model, clip, vae = saving.load_checkpoint(Path(spec.checkpoint))
+        loaded = _memory(device, "now")
+        _reset_peak_memory(device)
         bindings = job.read_bindings()
         models = (model, tokens.bind_trigger_words(clip, bindings) if bindings else clip, vae)
         host = JobProgress(job, rank)
         train = _textual_inversion if spec.trainer == "textual_inversion" else _dreambooth
-        trained = train(job, spec, models, partition, host)
+        trained, state_bytes = train(job, spec, models, partition, host)
         job.write_json(
-            f"state-rank-{rank}", {"rank": rank, "world_size": partition.world_size, "device": device, "digests": tensor_digests(trained)}
+            f"state-rank-{rank}",
+            {
+                "rank": rank,
+                "world_size": partition.world_size,
+                "device": device,
+                "digests": tensor_digests(trained),
+                "optimizer_state_bytes": state_bytes,
+                "loaded_memory_bytes": loaded,  # with the model loaded, before training
+                "peak_memory_bytes": _memory(device, "peak"),  # during training, the loaded model included
+            },
         )
         torch.distributed.barrier()
     except BaseException as error:

@@ -31,7 +31,7 @@ from ..comfy_bridge.progress import ComfyProgress
 from ..comfy_bridge.text_encoders import TrainingTextEncoder, clip_lora_weights, encode_prompt
 from ..core import class_cache, optimizers
 from ..core.adapters import LoraPair, lora_file_tensors
-from ..core.distributed import SINGLE_PROCESS, Partition
+from ..core.distributed import SINGLE_PROCESS, Partition, gradient_sync
 from ..core.embedding_file import EmbeddingFile, read_embedding, vectors_for_encoders
 from ..core.identifiers import class_word, derive_identifier, suggest_identifier
 from ..core.precision import Precision
@@ -110,6 +110,7 @@ class DreamBoothResult:
     class_images: str = "none"  # "none", "given", "cached", "generated"
     lora: dict[str, torch.Tensor] | None = None  # the LoRA file's tensors (LoRA mode)
     diffs: dict[str, dict[str, torch.Tensor]] | None = None  # full mode: {"model"/"clip": trained − starting weights}
+    optimizer_state_bytes: int = 0  # what this process's optimizer kept (full mode on several processes: its shard)
 
 
 @dataclass
@@ -458,9 +459,20 @@ class DreamBoothTrainer:
             settings.optimizer, groups, WEIGHT_DECAY[settings.mode], own=self.bf16 or self.fused, seed=settings.seed
         )
         self.scaler = grad_scaler(self.unet, self.precision)
-        self.fused_step = (
-            optimizers.FusedBackwardStep(self.optimizer, settings.max_grad_norm, reduce=partition.sum_gradient) if self.fused else None
-        )
+        # Full fine-tuning's optimizer state is the largest thing a process holds: several processes
+        # divide it (ZeRO stage 2). Not under loss scaling: a step skipped for an overflow must be
+        # skipped everywhere, and each process would see only the gradients it owns.
+        self.sync = gradient_sync(partition, self.params, shard=full and not self.scaler.is_enabled())
+        if self.sync.sharded:
+            owned = self.sync.owned_elements
+            self.notes.append(
+                f"optimizer state sharded over {partition.world_size} processes (ZeRO stage 2): this one steps "
+                f"{owned[partition.rank] / 1e6:.1f}M of {sum(owned) / 1e6:.1f}M trained weights"
+            )
+        elif full and partition.distributed and partition.shard_optimizer_state:
+            self.notes.append("optimizer state not sharded: float16 compute's loss scaling needs every gradient on every process")
+        self.optimizer_state_bytes = 0
+        self.fused_step = optimizers.FusedBackwardStep(self.optimizer, settings.max_grad_norm, sync=self.sync) if self.fused else None
         # Every process starts from the same adapters (the full copy is the same file's weights everywhere).
         partition.broadcast(
             [p for pair in (*self.unet_pairs.values(), *self.clip_pairs.values()) for p in pair.parameters()] + list(self.vectors.values())
@@ -560,15 +572,17 @@ class DreamBoothTrainer:
                 prior_loss = diffusion_loss(self.unet, klass.latents, klass.noise, klass.timesteps, cond, pooled)
                 self.scaler.scale(s.prior_loss_weight * prior_loss / micro_batches).backward()
                 accumulated["prior"] += prior_loss.item() / micro_batches
-        # Summed before the scaler and the clipping look at them: every process takes the same step.
-        self.partition.sum_gradients(self.params)
+        # Summed before the scaler and the clipping look at them: every process takes the same step
+        # (sharded: each steps what it owns, then sends it to the others).
+        self.sync.reduce_all(self.params)
         accumulated = {k: self.partition.sum(v) for k, v in accumulated.items()}
         if s.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+            self.sync.clip_grad_norm_(self.params, s.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.sync.publish_all(self.params)
         return self._losses_out(accumulated["instance"], accumulated["prior"])
 
     def _fused_step(self) -> dict[str, float]:
@@ -605,6 +619,7 @@ class DreamBoothTrainer:
         if self.fused_step is not None:
             self.fused_step.remove()
             self.fused_step = None
+        self.optimizer_state_bytes = optimizers.state_bytes(self.optimizer)
         self.optimizer.state.clear()
 
     # ----------------------------------------------------------------------- results
@@ -818,4 +833,5 @@ def train_dreambooth(
         class_images=class_source,
         lora=lora,
         diffs=diffs,
+        optimizer_state_bytes=trainer.optimizer_state_bytes,
     )

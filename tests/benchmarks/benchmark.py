@@ -157,13 +157,18 @@ def plot(rows: Sequence[dict[str, Any]], target: Path) -> Path:
     return target
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(p: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
+    """What every benchmark here asks: which modes, model, resolution, batch and steps."""
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
     p.add_argument("--unet", choices=tuple(UNET_CONFIGS), default="sd15-full")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(p, steps=2, steps_help="timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -285,3 +286,19 @@ def _probe_lora(loras: Path) -> str:
         str(loras / name),
     )
     return name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_sharded_optimizer_state_over_nccl_trains_as_one_process(tmp_path):
+    """core.distributed's ZeRO-2 sharding on two GPUs (NCCL): the CPU test's checks, on CUDA."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    import test_distributed
+
+    one, one_bytes = test_distributed.one_process("fused")
+    for how in ("fused", "whole"):
+        weights, states = test_distributed.two_processes(tmp_path, how, "shard", "cuda")
+        reference = one if how == "fused" else test_distributed.one_process("whole")[0]
+        for name in reference:
+            assert torch.equal(weights[0][name], weights[1][name]), name
+            torch.testing.assert_close(weights[0][name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert max(s["state_bytes"] for s in states) < 0.6 * one_bytes

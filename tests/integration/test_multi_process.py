@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from harness import cancel_at_step, pack_module, run_node
 
 launcher = pack_module("nodes.scaleout.launcher")
@@ -78,13 +79,52 @@ def test_devices_are_read_and_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="is not a file"):
         launcher.check_devices("", "/nowhere/accelerate.yaml")
     config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n")
-    with pytest.raises(ValueError, match="distributed_type DEEPSPEED: set it to MULTI_GPU"):
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MEGATRON_LM\nnum_processes: 2\n")
+    with pytest.raises(ValueError, match="distributed_type MEGATRON_LM: set it to MULTI_GPU"):
         launcher.check_devices("", str(config))
     config.write_text("- not\n- settings\n")
     with pytest.raises(ValueError, match="is not an accelerate config"):
         launcher.check_devices("", str(config))
     assert not launcher.distributed(launcher.check_devices("cpu")), "one device trains in ComfyUI's process"
+
+
+@pytest.mark.parametrize(
+    "sharding, shards, refused",
+    [
+        ("distributed_type: MULTI_GPU", True, None),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  offload_optimizer_device: none", True, None),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0", False, None),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3", None, "ZeRO stage 3, which shards the parameters"),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  offload_optimizer_device: cpu", None, "offloads to cpu"),
+        ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: DS_JSON", None, "ZeRO stage 3"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP", True, None),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: false", True, None),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_reshard_after_forward: NO_SHARD", False, None),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: 1", None, "FSDP FULL_SHARD, which shards the parameters"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2", None, "FULL_SHARD"),
+        (
+            "distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: 2\n  fsdp_offload_params: true",
+            None,
+            "fsdp_offload_params: false",
+        ),
+    ],
+)
+def test_accelerate_configs_asking_for_sharding_get_the_packs_or_a_reason(tmp_path, sharding, shards, refused):
+    """DeepSpeed ZeRO 1-2 and FSDP SHARD_GRAD_OP ask for what full fine-tuning on the workers does
+    (optimizer state and gradients sharded); parameter sharding and offloading are refused."""
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\nnum_processes: 2\n" + sharding.replace("DS_JSON", str(ds_json)) + "\n")
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            launcher.check_devices("", str(config))
+        return
+    read = launcher.read_accelerate_config(str(config))
+    assert read.shard_optimizer_state is shards
+    launched = read.for_launch()
+    assert launched["distributed_type"] == "MULTI_GPU" and launched["num_processes"] == 2
+    assert "deepspeed_config" not in launched and "fsdp_config" not in launched, "DeepSpeed's launcher is not needed"
 
 
 def test_one_device_never_starts_a_process(sd15, monkeypatch):
@@ -116,12 +156,12 @@ def test_one_device_never_starts_a_process(sd15, monkeypatch):
     assert started == []
 
 
-def _accelerate_config(folder: Path, processes: int) -> Path:
+def _accelerate_config(folder: Path, processes: int, distributed_type: str = "distributed_type: MULTI_GPU\n") -> Path:
     """What `accelerate config` writes for one machine with several GPUs (here run on the CPU)."""
-    port = launcher._free_port()
+    port = jobs.free_port()
     config = folder / "accelerate.yaml"
     config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: all\nmachine_rank: 0\n"
+        f"compute_environment: LOCAL_MACHINE\n{distributed_type}gpu_ids: all\nmachine_rank: 0\n"
         f"main_process_ip: 127.0.0.1\nmain_process_port: {port}\nmixed_precision: 'no'\nnum_machines: 1\n"
         f"num_processes: {processes}\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
     )
@@ -167,17 +207,36 @@ def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_bat
     assert f"trained on {'accelerate' if config else 'cpu, cpu'}" in two.notes
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd15, mode):
-    """LoRA (with the text encoder and pivotal tuning) and full fine-tuning (the fused backward
-    step, gradients summed tensor by tensor), prior preservation with class images the two
-    processes generate between them."""
+def test_an_accelerate_config_for_one_process_trains_on_one_worker(sd15, tmp_path):
+    """distributed_type NO: accelerate starts the worker without a process group's variables."""
+    config = tmp_path / "one.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n")
+    settings = ti.TextualInversionSettings(trigger_word="<alone>", init_text="cat", steps=1, resolution=64, save=False)
+    before = _job_folders()
+    with torch.inference_mode():
+        result = launcher.train_textual_inversion(
+            sd15["model"], sd15["clip"], sd15["vae"], TrainingImageSet.from_image_batch(_images()), settings, ["accelerate"], str(config)
+        )
+    [job] = _job_folders() - before
+    [state] = _states(job)
+    assert state["world_size"] == 1 and state["peak_memory_bytes"] > 100 * 2**20, state
+    assert result.embedding.vectors["clip_l"].shape == (1, 768) and len(result.losses.raw["loss"]) == 1
+
+
+@pytest.mark.parametrize("run", ["lora", "full", "full-whole-step"])
+def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd15, run, tmp_path):
+    """LoRA (with the text encoder and pivotal tuning) and full fine-tuning, prior preservation
+    with class images the two processes generate between them. Full fine-tuning shards the
+    optimizer state: with the fused backward step (launched by accelerate with a DeepSpeed ZeRO-2
+    config) and with a whole-model step and gradient clipping (torchrun)."""
+    mode = run.split("-")[0]
+    whole_step = run == "full-whole-step"
     images = TrainingImageSet.from_image_batch(_images())
     common = dict(
         mode=mode,
         steps=2,
         resolution=64,
-        seed=9 if mode == "lora" else 10,  # its own class images: the run that generates them shares the work
+        seed={"lora": 9, "full": 10, "full-whole-step": 11}[run],  # its own class images: the run that generates them shares the work
         save=False,
         prior_preservation=True,
         num_class_images=2,
@@ -189,12 +248,22 @@ def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd
         pivotal_tuning=mode == "lora",
         learning_rate="1e-3" if mode == "lora" else "1e-4",
         full_bf16=False,
-        max_grad_norm=0.0,
+        max_grad_norm=0.01 if whole_step else 0.0,  # small enough to clip every step
     )
+    devices, config = TWO_CPUS, ""
+    if run == "full":  # launched by accelerate with a DeepSpeed ZeRO-2 config: the pack's sharding, no DeepSpeed
+        config = _accelerate_config(tmp_path, 2, "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n")
+        devices = launcher.check_devices("", str(config))
     before = _job_folders()
     with torch.inference_mode():
         two = launcher.train_dreambooth(
-            sd15["model"], sd15["clip"], sd15["vae"], images, db.DreamBoothSettings(fused_backward=True, **common), TWO_CPUS
+            sd15["model"],
+            sd15["clip"],
+            sd15["vae"],
+            images,
+            db.DreamBoothSettings(fused_backward=not whole_step, **common),
+            devices,
+            str(config),
         )
         one = db.train_dreambooth(
             sd15["model"], sd15["clip"], sd15["vae"], images, db.DreamBoothSettings(gradient_accumulation=2, fused_backward=False, **common)
@@ -222,6 +291,13 @@ def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd
         b = torch.cat([one.diffs["model"][k].float().flatten() for k in one.diffs["model"]])
         assert float((a - b).norm() / b.norm()) < 1e-3
         assert float(((a - b).abs() > 1e-6).float().mean()) < 1e-4
+        # ZeRO stage 2: each process held the optimizer state of the weights it owns, about half.
+        shares = [state["optimizer_state_bytes"] for state in states]
+        assert abs(sum(shares) - one.optimizer_state_bytes) < 0.001 * one.optimizer_state_bytes, (shares, one.optimizer_state_bytes)
+        assert max(shares) < 0.55 * one.optimizer_state_bytes, (shares, one.optimizer_state_bytes)
+        assert any("sharded over 2 processes" in note for note in two.notes)
+        if config:
+            assert yaml.safe_load((job / "accelerate.yaml").read_text())["distributed_type"] == "MULTI_GPU"
     assert two.class_images == "generated" and one.class_images == "cached", "the processes shared the sampling and wrote the cache"
 
 
