@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -156,20 +158,46 @@ def test_one_device_never_starts_a_process(sd15, monkeypatch):
     assert started == []
 
 
-def _accelerate_config(folder: Path, processes: int, distributed_type: str = "distributed_type: MULTI_GPU\n") -> Path:
-    """What `accelerate config` writes for one machine with several GPUs (here run on the CPU)."""
+def _accelerate_config(folder: Path, processes: int, distributed_type: str = "distributed_type: MULTI_GPU\n", machines: int = 1) -> Path:
+    """What `accelerate config` writes for machines with several GPUs (here run on the CPU)."""
     port = jobs.free_port()
     config = folder / "accelerate.yaml"
     config.write_text(
         f"compute_environment: LOCAL_MACHINE\n{distributed_type}gpu_ids: all\nmachine_rank: 0\n"
-        f"main_process_ip: 127.0.0.1\nmain_process_port: {port}\nmixed_precision: 'no'\nnum_machines: 1\n"
+        f"main_process_ip: 127.0.0.1\nmain_process_port: {port}\nmixed_precision: 'no'\nnum_machines: {machines}\n"
         f"num_processes: {processes}\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
     )
     return config
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def _second_machine_joins(before: set[Path], log: Path) -> tuple[threading.Thread, list[subprocess.Popen]]:
+    """Start "machine 1" with README's command once the node has written its job folder."""
+    started: list[subprocess.Popen] = []
+
+    def join() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            for job in _job_folders() - before:
+                if (job / "job.json").is_file() and (job / "accelerate.yaml").is_file():
+                    accelerate = Path(sys.executable).parent / "accelerate"  # `accelerate launch`, as README says
+                    command = [str(accelerate), "launch", "--config_file", str(job / "accelerate.yaml"), "--machine_rank", "1"]
+                    command += [str(launcher.WORKER), "--job", str(job / "job.json")]
+                    with open(log, "w") as out:
+                        started.append(
+                            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+                        )
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=join, daemon=True)
+    thread.start()
+    return thread, started
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate", "two-machines"])
 def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_batches(sd15, launch, tmp_path):
+    """torchrun; accelerate launch on one machine; and two "machines" (one process each, both on
+    this one) joined as README says: the node starts machine 0, machine 1 runs the job's config."""
     images = TrainingImageSet.from_image_batch(_images())
     # A word bound on the input CLIP (as Apply Embedding binds it) means the same in the workers.
     tokens = pack_module("nodes.comfy_bridge.tokens")
@@ -187,11 +215,16 @@ def test_textual_inversion_on_two_processes_equals_one_on_the_union_of_their_bat
         custom_templates="a photo of {} next to <bound>",
     )
     settings = ti.TextualInversionSettings(trigger_word="<two>", **common)
-    config = str(_accelerate_config(tmp_path, 2)) if launch == "accelerate" else ""
+    config = "" if launch == "torchrun" else str(_accelerate_config(tmp_path, 2, machines=2 if launch == "two-machines" else 1))
     devices = launcher.check_devices("" if config else "cpu,cpu", config)
     before = _job_folders()
+    joining, second = _second_machine_joins(before, tmp_path / "machine1.log") if launch == "two-machines" else (None, [])
     with torch.inference_mode():
         two = launcher.train_textual_inversion(sd15["model"], clip, sd15["vae"], images, settings, devices, config)
+    if joining is not None:
+        joining.join()
+        assert second and second[0].wait(60) == 0, (tmp_path / "machine1.log").read_text()[-2000:]
+    with torch.inference_mode():
         one = ti.train_textual_inversion(
             sd15["model"],
             clip,
