@@ -48,6 +48,11 @@ def storage_dtype(model: Any) -> torch.dtype:
     return model.model.get_dtype()
 
 
+def weight_count(model: Any) -> int:
+    """Weights of the diffusion model (what full fine-tuning trains)."""
+    return sum(p.numel() for p in model.model.diffusion_model.parameters())
+
+
 def compute_dtype(model: Any) -> torch.dtype:
     """The dtype ComfyUI computes the diffusion model in."""
     return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()

@@ -102,6 +102,11 @@ class TrainingTextEncoder:
 # --------------------------------------------------------------------------- which weights a LoRA adapts
 
 
+def weight_count(clip: comfy.sd.CLIP) -> int:
+    """Weights of the text encoders (what full fine-tuning of the text side trains)."""
+    return sum(p.numel() for p in clip.cond_stage_model.parameters())
+
+
 def clip_lora_weights(clip: comfy.sd.CLIP) -> dict[str, tuple[int, ...]]:
     """Text-encoder weights a LoRA adapts: attention q/k/v/out and the MLP of every layer."""
     suffixes = tuple(f".{name}.weight" for name in comfy.lora.LORA_CLIP_MAP)

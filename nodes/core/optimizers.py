@@ -287,6 +287,22 @@ def _fused_update(
     return True
 
 
+def full_training_bytes(
+    weights: int, weight_dtype: torch.dtype, optimizer: str, *, fused_backward: bool, shards: int = 1, own_state: bool = False
+) -> int:
+    """Bytes full fine-tuning of ``weights`` weights holds beyond the frozen model: its own copy
+    of the weights, the optimizer's moments (this process's share of them when ``shards``
+    processes divide the state) and, without the fused backward step, whole-model gradients.
+
+    ``own_state``: the pack's AdamW, which keeps its moments in the weights' dtype; torch's AdamW
+    keeps them in float32, bitsandbytes' AdamW8bit in 8 bits.
+    """
+    size = torch.tensor([], dtype=weight_dtype).element_size()
+    moment = size if own_state else (1 if optimizer == "AdamW8bit" else 4)
+    gradients = 0 if fused_backward else size
+    return weights * (size + gradients) + -(-weights * 2 * moment // max(shards, 1))
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of tensors in ``optimizer``'s state (moments, step counters)."""
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))

@@ -26,9 +26,17 @@ from typing import Any, Literal
 import torch
 
 from ..comfy_bridge import devices, folders, sampling, saving, tokens
-from ..comfy_bridge.diffusion_model import DiffusionModelForTraining, model_family, model_identity, prediction_type, unet_lora_weights
+from ..comfy_bridge.diffusion_model import (
+    DiffusionModelForTraining,
+    model_family,
+    model_identity,
+    prediction_type,
+    unet_lora_weights,
+)
+from ..comfy_bridge.diffusion_model import weight_count as diffusion_weight_count
 from ..comfy_bridge.progress import ComfyProgress
 from ..comfy_bridge.text_encoders import TrainingTextEncoder, clip_lora_weights, encode_prompt
+from ..comfy_bridge.text_encoders import weight_count as text_weight_count
 from ..core import class_cache, optimizers
 from ..core.adapters import LoraPair, lora_file_tensors
 from ..core.distributed import SINGLE_PROCESS, Partition, gradient_sync
@@ -336,6 +344,15 @@ def memory_plan(settings: DreamBoothSettings, precision: Precision) -> tuple[boo
     return bf16, settings.fused_backward, []
 
 
+def full_shards(settings: DreamBoothSettings, precision: Precision, partition: Partition) -> bool:
+    """Whether the processes divide the optimizer state among them (ZeRO stage 2).
+
+    Full fine-tuning's optimizer state is the largest thing a process holds. Not under loss
+    scaling: a step skipped for an overflow must be skipped everywhere, and each process would
+    see only the gradients it owns."""
+    return settings.mode == "full" and partition.distributed and partition.shard_optimizer_state and not precision.loss_scaling
+
+
 def _make_optimizer(kind: str, groups: list[dict], weight_decay: float, own: bool = False, seed: int = 0) -> torch.optim.Optimizer:
     for group in groups:
         group.setdefault("weight_decay", weight_decay)
@@ -381,6 +398,23 @@ class DreamBoothTrainer:
                 self.unet_pairs[key] = LoraPair(shape, settings.lora_rank, settings.lora_alpha, device=model.load_device, generator=init)
         own_dtype = (torch.bfloat16 if self.bf16 else torch.float32) if full else None
         trainable_bytes = sum(math.prod(p.shape) for pair in self.unet_pairs.values() for p in pair.parameters()) * 16
+        if full:
+            # ComfyUI keeps this much free beside the frozen weights (offloading some where it must:
+            # the view computes with its own copy, so frozen weights are only read at the start and end).
+            shards = partition.world_size if full_shards(settings, self.precision, partition) else 1
+            own = self.bf16 or self.fused
+            trainable_bytes = optimizers.full_training_bytes(
+                diffusion_weight_count(model), own_dtype, settings.optimizer, fused_backward=self.fused, shards=shards, own_state=own
+            )
+            if settings.train_text_encoder:
+                trainable_bytes += optimizers.full_training_bytes(
+                    text_weight_count(clip), torch.float32, settings.optimizer, fused_backward=self.fused, shards=shards, own_state=own
+                )
+            share = f", this process's share of the optimizer state of {partition.world_size}" if shards > 1 else ""
+            self.notes.append(
+                f"full fine-tuning holds about {trainable_bytes / 2**30:.2f} GiB beyond the frozen model (its own weights{share}); "
+                "ComfyUI keeps that free, offloading frozen weights where it must"
+            )
         self.unet = DiffusionModelForTraining(
             model,
             self.precision.compute_dtype,
@@ -459,10 +493,7 @@ class DreamBoothTrainer:
             settings.optimizer, groups, WEIGHT_DECAY[settings.mode], own=self.bf16 or self.fused, seed=settings.seed
         )
         self.scaler = grad_scaler(self.unet, self.precision)
-        # Full fine-tuning's optimizer state is the largest thing a process holds: several processes
-        # divide it (ZeRO stage 2). Not under loss scaling: a step skipped for an overflow must be
-        # skipped everywhere, and each process would see only the gradients it owns.
-        self.sync = gradient_sync(partition, self.params, shard=full and not self.scaler.is_enabled())
+        self.sync = gradient_sync(partition, self.params, shard=full_shards(settings, self.precision, partition))
         if self.sync.sharded:
             owned = self.sync.owned_elements
             self.notes.append(

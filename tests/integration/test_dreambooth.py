@@ -37,6 +37,8 @@ training_layers = pack_module("nodes.core.training_layers")
 precision = pack_module("nodes.core.precision")
 ef = pack_module("nodes.core.embedding_file")
 training_math = pack_module("nodes.core.training_math")
+optimizers = pack_module("nodes.core.optimizers")
+devices = pack_module("nodes.comfy_bridge.devices")
 TrainingImageSet = pack_module("nodes.core.training_images").TrainingImageSet
 DREAMBOOTH = pack_module("nodes.graph_types").DREAMBOOTH_FINETUNE
 
@@ -509,7 +511,7 @@ def _trainer(sd15, **overrides):
 def test_full_bf16_trains_a_bfloat16_copy_whose_updates_land(sd15):
     with torch.inference_mode(False), torch.enable_grad():
         trainer = _trainer(sd15, steps=2, seed=5)
-        assert trainer.bf16 and trainer.fused and trainer.notes == []
+        assert trainer.bf16 and trainer.fused and [n for n in trainer.notes if "beyond the frozen model" not in n] == [], "no fallback note"
         layers = [m for _, m in training_layers.training_layers(trainer.unet.view)]
         assert layers and all(m.own and m.weight.dtype == torch.bfloat16 for m in layers)
         before = {n: p.detach().clone() for n, p in trainer.unet.view.named_parameters()}
@@ -924,3 +926,28 @@ def test_resuming_the_other_kind_of_file_is_refused(sd15):
     run_dreambooth(**inputs)
     with pytest.raises(ValueError, match=r"mode 'full' continues a full checkpoint \(checkpoints/\.\.\.\)"):
         run_dreambooth(**_inputs(sd15, mode="full", resume_from=f"loras/{inputs['file_name']}.safetensors"))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_full_fine_tuning_tells_comfyui_what_it_holds_beside_the_frozen_model(sd15, bf16):
+    """The memory ComfyUI is asked to keep free is what the run then holds: its own weights and
+    the optimizer state (the fused step keeps no whole-model gradients); on two processes sharing
+    the optimizer state, this process's half of it."""
+    settings = db.DreamBoothSettings(mode="full", steps=1, resolution=64, save=False, prior_preservation=False, full_bf16=bf16)
+    images = TrainingImageSet.from_image_batch(_images())
+    weights = diffusion_model.weight_count(sd15["model"])
+    with torch.inference_mode(False), torch.enable_grad():
+        plan = db.validate(settings, images, sd15["model"], sd15["clip"], None)
+        one = db.DreamBoothTrainer(sd15["model"], sd15["clip"], sd15["vae"], images, settings, plan)
+        asked = one.unet.memory_required - devices.training_memory(sd15["model"], 1, 64)
+        one.step(1)
+        held = sum(p.numel() * p.element_size() for p in one.unet.trained_parameters()) + optimizers.state_bytes(one.optimizer)
+        half = db.DreamBoothTrainer(
+            sd15["model"], sd15["clip"], sd15["vae"], images, settings, plan, partition=db.Partition(0, 2, shard_optimizer_state=True)
+        )
+        asked_half = half.unet.memory_required - devices.training_memory(sd15["model"], 1, 64)
+    size = 2 if bf16 else 4
+    assert sum(p.numel() for p in one.unet.trained_parameters()) == weights
+    assert held == pytest.approx(asked, rel=0.01), f"asked ComfyUI for {asked} bytes, training holds {held}"
+    assert asked == weights * 3 * size and asked_half == weights * 2 * size, "own weights + two moments; half the moments"
+    assert any("GiB beyond the frozen model" in note for note in one.notes)

@@ -215,3 +215,26 @@ def test_random_calls_name_their_generators_device_and_steps_make_no_host_round_
         optimizer.step()
     assert counting.made_from_host == 0 and reads == [], (counting.made_from_host, reads)
     assert {int(s["step_tensor"]) for s in optimizer.state.values()} == {3}
+
+
+@pytest.mark.parametrize("kind", ["torch", "ours-bf16"])
+def test_full_training_bytes_is_what_a_step_holds(kind):
+    """The estimate ComfyUI is given equals what weights, gradients and optimizer state then hold."""
+    layer = torch.nn.Linear(300, 200)
+    if kind == "ours-bf16":
+        layer = layer.to(torch.bfloat16)
+        optimizer = optimizers.AdamW(layer.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.randn(4, 300, dtype=layer.weight.dtype)).float().square().mean().backward()
+    optimizer.step()
+    params = list(layer.parameters())
+    weights = sum(p.numel() for p in params)
+    held = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() for p in params) + optimizers.state_bytes(optimizer)
+    estimate = optimizers.full_training_bytes(weights, layer.weight.dtype, "AdamW", fused_backward=False, own_state=kind == "ours-bf16")
+    assert held == pytest.approx(estimate, rel=0.001)
+    halves = optimizers.full_training_bytes(
+        weights, layer.weight.dtype, "AdamW", fused_backward=False, shards=2, own_state=kind == "ours-bf16"
+    )
+    moments = optimizers.state_bytes(optimizer) - 4 * len(params)  # less each tensor's float32 step counter
+    assert estimate - halves == moments // 2, "two processes: half the moments each"
