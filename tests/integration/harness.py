@@ -32,6 +32,36 @@ def run_node(node_type: str, **inputs):
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
+def textual_inversion_inputs(**overrides) -> dict:
+    """Every widget of Train Textual Inversion, set for a quick run on the tests' tiny models (a
+    fresh trigger word each call); ``overrides`` replace or add inputs."""
+    import uuid
+
+    values = {
+        "trigger_word": f"<t{uuid.uuid4().hex[:6]}>",
+        "init_text": "cat",
+        "vectors_per_token": 1,
+        "steps": 3,
+        "learning_rate": "0.005",
+        "batch_size": 1,
+        "gradient_accumulation": 1,
+        "seed": 0,
+        "templates": "object",
+        "custom_templates": "a photo of {}",
+        "resolution": 64,
+        "resize_mode": "crop",
+        "flip": False,
+        "save_every": 0,
+        "file_name": "",
+        "file_format": "safetensors",
+        "overwrite": False,
+        "resume_from": pack_module("nodes.textual_inversion_node").NO_RESUME,
+        "aspect_buckets": True,
+    }
+    values.update(overrides)
+    return values
+
+
 @contextlib.contextmanager
 def cancel_at_step(step: int):
     """Press ComfyUI's Cancel when a node's progress bar reaches ``step``; the body must raise

@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 import nodes
 import pytest
-from harness import pack_module, run_node
+from harness import pack_module, run_node, textual_inversion_inputs
 from PIL import Image
 
 graph_types = pack_module("nodes.graph_types")
@@ -81,25 +81,9 @@ def test_captions_feed_textual_inversion(sd15, embeddings_dir):
         clip=sd15["clip"],
         vae=sd15["vae"],
         image_set=image_set,
-        trigger_word=word,
-        init_text="square",
-        vectors_per_token=1,
-        steps=2,
-        learning_rate="0.005",
-        batch_size=1,
-        gradient_accumulation=1,
-        seed=0,
-        templates="captions",
-        custom_templates="",
-        resolution=64,
-        resize_mode="crop",
-        aspect_buckets=True,
-        flip=False,
-        save_every=0,
-        file_name="",
-        file_format="pt",
-        overwrite=False,
-        resume_from=pack_module("nodes.textual_inversion_node").NO_RESUME,
+        **textual_inversion_inputs(
+            trigger_word=word, init_text="square", steps=2, templates="captions", custom_templates="", file_format="pt"
+        ),
     )
     assert file_name.endswith(".pt") and (embeddings_dir / file_name).is_file()
     assert embedding.name == word

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from harness import cancel_at_step, pack_module, run_node
+from harness import cancel_at_step, pack_module, run_node, textual_inversion_inputs
 
 launcher = pack_module("nodes.scaleout.launcher")
 jobs = pack_module("nodes.scaleout.jobs")
@@ -132,28 +132,7 @@ def test_accelerate_configs_asking_for_sharding_get_the_packs_or_a_reason(tmp_pa
 def test_one_device_never_starts_a_process(sd15, monkeypatch):
     started = []
     monkeypatch.setattr(launcher, "run_job", lambda *a, **k: started.append(a))
-    settings = dict(
-        trigger_word=f"<o{uuid.uuid4().hex[:5]}>",
-        init_text="cat",
-        vectors_per_token=1,
-        steps=1,
-        learning_rate="0.005",
-        batch_size=1,
-        gradient_accumulation=1,
-        seed=0,
-        templates="object",
-        custom_templates="a photo of {}",
-        resolution=64,
-        resize_mode="crop",
-        flip=False,
-        save_every=0,
-        file_name="",
-        file_format="safetensors",
-        overwrite=False,
-        resume_from=pack_module("nodes.textual_inversion_node").NO_RESUME,
-        aspect_buckets=True,
-        devices="cpu",
-    )
+    settings = textual_inversion_inputs(steps=1, devices="cpu")
     run_node(TRAIN, model=sd15["model"], clip=sd15["clip"], vae=sd15["vae"], images=_images(1), **settings)
     assert started == []
 

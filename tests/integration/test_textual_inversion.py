@@ -10,7 +10,7 @@ import comfy.utils
 import pytest
 import safetensors.torch
 import torch
-from harness import cancel_at_step, pack_module, run_node
+from harness import cancel_at_step, pack_module, run_node, textual_inversion_inputs
 
 tokens = pack_module("nodes.comfy_bridge.tokens")
 diffusion_model = pack_module("nodes.comfy_bridge.diffusion_model")
@@ -21,39 +21,12 @@ ti = pack_module("nodes.training.textual_inversion")
 graph_types = pack_module("nodes.graph_types")
 TRAIN = graph_types.TRAIN_TEXTUAL_INVERSION
 APPLY = graph_types.APPLY_EMBEDDING
-NO_RESUME = pack_module("nodes.textual_inversion_node").NO_RESUME
 
 
 def _images(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(count, 1, 1, 3, generator=g)
     return (base + 0.2 * torch.rand(count, size, size, 3, generator=g)).clamp(0, 1)
-
-
-def _settings(**overrides):
-    values = {
-        "trigger_word": f"<t{uuid.uuid4().hex[:6]}>",
-        "init_text": "cat",
-        "vectors_per_token": 1,
-        "steps": 3,
-        "learning_rate": "0.005",
-        "batch_size": 1,
-        "gradient_accumulation": 1,
-        "seed": 0,
-        "templates": "object",
-        "custom_templates": "a photo of {}",
-        "resolution": 64,
-        "resize_mode": "crop",
-        "flip": False,
-        "save_every": 0,
-        "file_name": "",
-        "file_format": "safetensors",
-        "overwrite": False,
-        "resume_from": NO_RESUME,
-        "aspect_buckets": True,
-    }
-    values.update(overrides)
-    return values
 
 
 def _state_hash(*modules: torch.nn.Module) -> str:
@@ -176,7 +149,7 @@ def test_unet_gradient_matches_finite_differences(sd15):
 def test_full_run_through_the_node(sd15, embeddings_dir):
     model, clip, vae = sd15["model"], sd15["clip"], sd15["vae"]
     before = _state_hash(model.model, clip.cond_stage_model, vae.first_stage_model)
-    settings = _settings(steps=4, save_every=2, vectors_per_token=2, flip=True)
+    settings = textual_inversion_inputs(steps=4, save_every=2, vectors_per_token=2, flip=True)
     embedding, bound, curve, file_name = run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(3), **settings)
 
     assert _state_hash(model.model, clip.cond_stage_model, vae.first_stage_model) == before, "frozen weights changed"
@@ -247,14 +220,14 @@ def test_known_answer_recovers_a_planted_vector(sd15):
 
 def test_cancel_keeps_the_last_save_and_resume_continues(sd15, embeddings_dir):
     model, clip, vae = sd15["model"], sd15["clip"], sd15["vae"]
-    settings = _settings(steps=6, save_every=2)
+    settings = textual_inversion_inputs(steps=6, save_every=2)
     path = embeddings_dir / (settings["trigger_word"].strip("<>") + ".safetensors")
     with cancel_at_step(3):
         run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(2), **settings)
     saved = ef.read_embedding(path)
     assert saved.metadata["steps"] == "2", "the last good save is the one from step 2"
 
-    resumed = _settings(steps=3, trigger_word=settings["trigger_word"], overwrite=True, resume_from=path.name)
+    resumed = textual_inversion_inputs(steps=3, trigger_word=settings["trigger_word"], overwrite=True, resume_from=path.name)
     embedding, _, _, _ = run_node(TRAIN, model=model, clip=clip, vae=vae, images=_images(2), **resumed)
     final = ef.read_embedding(path)
     assert final.metadata["steps"] == "5"
@@ -263,7 +236,7 @@ def test_cancel_keeps_the_last_save_and_resume_continues(sd15, embeddings_dir):
 
 
 def test_sd2_path(sd2, embeddings_dir):
-    settings = _settings(steps=2, init_text="a dog")
+    settings = textual_inversion_inputs(steps=2, init_text="a dog")
     embedding, _, _, file_name = run_node(TRAIN, model=sd2["model"], clip=sd2["clip"], vae=sd2["vae"], images=_images(2), **settings)
     raw = safetensors.torch.load_file(str(embeddings_dir / file_name))
     assert list(raw) == ["emb_params"] and raw["emb_params"].shape == (1, 1024)
@@ -271,7 +244,7 @@ def test_sd2_path(sd2, embeddings_dir):
 
 
 def test_sdxl_path_trains_both_encoders(tiny_sdxl_model, sdxl_clip, sd15, embeddings_dir):
-    settings = _settings(steps=2, vectors_per_token=2)
+    settings = textual_inversion_inputs(steps=2, vectors_per_token=2)
     _embedding, bound, _, file_name = run_node(TRAIN, model=tiny_sdxl_model, clip=sdxl_clip, vae=sd15["vae"], images=_images(2), **settings)
     raw = safetensors.torch.load_file(str(embeddings_dir / file_name))
     assert {k: tuple(v.shape) for k, v in raw.items()} == {"clip_l": (2, 768), "clip_g": (2, 1280)}
@@ -313,13 +286,13 @@ def test_bad_input_is_refused_before_training(sd15, overrides, images, message, 
             clip=sd15["clip"],
             vae=sd15["vae"],
             images=None if images is None else _images(1),
-            **_settings(**overrides),
+            **textual_inversion_inputs(**overrides),
         )
     assert not started
 
 
 def test_existing_file_is_not_overwritten(sd15, embeddings_dir):
-    settings = _settings()
+    settings = textual_inversion_inputs()
     target = embeddings_dir / (settings["trigger_word"].strip("<>") + ".safetensors")
     target.write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -337,7 +310,7 @@ def test_resume_file_of_another_family_is_refused(sd15, embeddings_dir):
             clip=sd15["clip"],
             vae=sd15["vae"],
             images=_images(1),
-            **_settings(resume_from=f"{name}.safetensors"),
+            **textual_inversion_inputs(resume_from=f"{name}.safetensors"),
         )
 
 
@@ -353,7 +326,7 @@ def test_live_preview_and_progress_reach_comfyui_hooks(sd15):
             vae=sd15["vae"],
             images=_images(1),
             unique_id="17",
-            **_settings(steps=2, preview_every=2, preview_prompt="a photo of {} at night"),
+            **textual_inversion_inputs(steps=2, preview_every=2, preview_prompt="a photo of {} at night"),
         )
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
@@ -366,7 +339,7 @@ def test_live_preview_and_progress_reach_comfyui_hooks(sd15):
 
 
 def test_the_file_name_output_keeps_a_subfolder(sd15, embeddings_dir):
-    settings = _settings(steps=1, file_name=f"sub-{uuid.uuid4().hex[:6]}/nested")
+    settings = textual_inversion_inputs(steps=1, file_name=f"sub-{uuid.uuid4().hex[:6]}/nested")
     *_, file_name = run_node(TRAIN, model=sd15["model"], clip=sd15["clip"], vae=sd15["vae"], images=_images(1), **settings)
     assert file_name == settings["file_name"] + ".safetensors"
     assert (embeddings_dir / file_name).is_file()
