@@ -28,6 +28,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..core.embedding_file import EmbeddingFile
 from ..core.files import atomic_write
 from ..core.training_images import TrainingImage, TrainingImageSet
 
@@ -103,6 +104,14 @@ class JobFolder:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
         return safetensors.torch.load_file(str(path), device="cpu"), metadata
+
+    def write_embedding(self, name: str, embedding: EmbeddingFile) -> Path:
+        """A trained embedding handed back: its vectors, and its trigger word as ``name``."""
+        return self.write_tensors(name, embedding.vectors, {"name": embedding.name})
+
+    def read_embedding(self, name: str) -> EmbeddingFile:
+        vectors, metadata = self.read_tensors(name)
+        return EmbeddingFile(vectors, name=metadata["name"])
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()

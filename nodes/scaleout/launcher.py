@@ -13,6 +13,7 @@ return, and the files land where they would.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -115,8 +116,6 @@ def read_accelerate_config(text: str) -> AccelerateConfig:
 def _deepspeed_shards(config: Path, deepspeed: dict[str, Any]) -> bool:
     stage, offload = deepspeed.get("zero_stage", 2), [deepspeed.get("offload_optimizer_device"), deepspeed.get("offload_param_device")]
     if deepspeed.get("deepspeed_config_file"):
-        import json
-
         path = Path(str(deepspeed["deepspeed_config_file"])).expanduser()
         try:
             zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization") or {}
@@ -339,10 +338,9 @@ def train_textual_inversion(
         node_id,
         extra={"resume": resume} if resume is not None else None,
     )
-    vectors, metadata = job.read_tensors("result-embedding")
     result = job.read_json("result")
     return ti.TextualInversionResult(
-        embedding=EmbeddingFile(vectors, name=metadata["name"]),
+        embedding=job.read_embedding("result-embedding"),
         losses=losses_from(result["losses"]),
         saved_path=Path(result["saved_path"]) if result["saved_path"] else None,
         steps_trained=settings.steps,
@@ -387,8 +385,7 @@ def train_dreambooth(
     out_model, out_clip = db.tuned_models(model, clip, lora=lora, diffs=diffs or None)
     embedding = None
     if job.has("result-embedding.safetensors"):
-        vectors, metadata = job.read_tensors("result-embedding")
-        embedding = EmbeddingFile(vectors, name=metadata["name"])
+        embedding = job.read_embedding("result-embedding")
         out_clip = tokens.bind_trigger_words(out_clip, {result["identifier"]: embedding.vectors})
     return db.DreamBoothResult(
         model=out_model,

@@ -63,7 +63,7 @@ def _textual_inversion(
     resume = read_embedding(job.path / "resume.safetensors") if job.has("resume.safetensors") else None
     result = textual_inversion.train_textual_inversion(*models, job.read_images(), settings, resume=resume, host=host, partition=partition)
     if partition.rank == 0:
-        job.write_tensors("result-embedding", result.embedding.vectors, {"name": result.embedding.name})
+        job.write_embedding("result-embedding", result.embedding)
         job.write_json(
             "result",
             {
@@ -94,7 +94,7 @@ def _dreambooth(job: JobFolder, spec: Any, models: tuple, partition: Partition, 
         for part, diffs in (result.diffs or {}).items():
             job.write_tensors(f"result-{part}-diffs", diffs)
         if result.embedding is not None:
-            job.write_tensors("result-embedding", result.embedding.vectors, {"name": result.embedding.name})
+            job.write_embedding("result-embedding", result.embedding)
         job.write_json(
             "result",
             {

@@ -388,6 +388,8 @@ class DreamBoothTrainer:
         full = settings.mode == "full"
         self.precision = precision_for(model, settings.precision, full=full, full_bf16=settings.full_bf16)
         self.bf16, self.fused, notes = memory_plan(settings, self.precision)
+        self.own_optimizer = self.bf16 or self.fused  # the pack's AdamW (moments in the weights' dtype)
+        self.shards_state = full_shards(settings, self.precision, partition)
         self.notes = [*self.precision.notes, *notes]
         init = torch.Generator().manual_seed(settings.seed)
 
@@ -401,15 +403,16 @@ class DreamBoothTrainer:
         if full:
             # ComfyUI keeps this much free beside the frozen weights (offloading some where it must:
             # the view computes with its own copy, so frozen weights are only read at the start and end).
-            shards = partition.world_size if full_shards(settings, self.precision, partition) else 1
-            own = self.bf16 or self.fused
-            trainable_bytes = optimizers.full_training_bytes(
-                diffusion_weight_count(model), own_dtype, settings.optimizer, fused_backward=self.fused, shards=shards, own_state=own
-            )
-            if settings.train_text_encoder:
-                trainable_bytes += optimizers.full_training_bytes(
-                    text_weight_count(clip), torch.float32, settings.optimizer, fused_backward=self.fused, shards=shards, own_state=own
+            shards = partition.world_size if self.shards_state else 1
+
+            def held(weights: int, dtype: torch.dtype) -> int:
+                return optimizers.full_training_bytes(
+                    weights, dtype, settings.optimizer, fused_backward=self.fused, shards=shards, own_state=self.own_optimizer
                 )
+
+            trainable_bytes = held(diffusion_weight_count(model), own_dtype)
+            if settings.train_text_encoder:
+                trainable_bytes += held(text_weight_count(clip), torch.float32)  # its own copy is float32
             share = f", this process's share of the optimizer state of {partition.world_size}" if shards > 1 else ""
             self.notes.append(
                 f"full fine-tuning holds about {trainable_bytes / 2**30:.2f} GiB beyond the frozen model (its own weights{share}); "
@@ -490,10 +493,10 @@ class DreamBoothTrainer:
             )
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = _make_optimizer(
-            settings.optimizer, groups, WEIGHT_DECAY[settings.mode], own=self.bf16 or self.fused, seed=settings.seed
+            settings.optimizer, groups, WEIGHT_DECAY[settings.mode], own=self.own_optimizer, seed=settings.seed
         )
         self.scaler = grad_scaler(self.unet, self.precision)
-        self.sync = gradient_sync(partition, self.params, shard=full_shards(settings, self.precision, partition))
+        self.sync = gradient_sync(partition, self.params, shard=self.shards_state)
         if self.sync.sharded:
             owned = self.sync.owned_elements
             self.notes.append(
