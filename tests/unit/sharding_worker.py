@@ -4,7 +4,9 @@ Trains a small MLP on this process's micro-batch of every step, keeping the proc
 with ``core.distributed``'s gradient sync (sharded or not), with the fused backward step or a
 whole-model step, and writes its final weights and optimizer-state size for the test to compare.
 
-    torchrun --nproc_per_node 2 sharding_worker.py OUT_DIR {fused,whole} {shard,replicate} [cuda]
+    torchrun --nproc_per_node 2 sharding_worker.py OUT_DIR {fused,fused-bf16,whole} {shard,replicate} [cuda]
+
+``fused-bf16``: bfloat16 weights and moments, updated with stochastic rounding (full_bf16).
 
 With ``cuda`` each process trains on its own GPU (LOCAL_RANK) over NCCL (tests/gpu); weights are
 written back on the CPU.
@@ -39,8 +41,9 @@ def micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_of(net: torch.nn.Module, step: int, index: int, micro_batches: int, device: str = "cpu") -> torch.Tensor:
-    inputs, targets = (t.to(device) for t in micro_batch(step, index))
-    return ((net(inputs) - targets) ** 2).mean() / micro_batches
+    dtype = next(net.parameters()).dtype
+    inputs, targets = (t.to(device, dtype) for t in micro_batch(step, index))
+    return ((net(inputs).float() - targets.float()) ** 2).mean() / micro_batches
 
 
 def main(out: Path, how: str, sharding: str, device: str = "cpu") -> None:
@@ -48,10 +51,10 @@ def main(out: Path, how: str, sharding: str, device: str = "cpu") -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     partition = distributed.Partition(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    net = model().to(device)
+    net = model().to(device, torch.bfloat16 if how == "fused-bf16" else torch.float32)
     params = list(net.parameters())
     sync = distributed.gradient_sync(partition, params, shard=sharding == "shard")
-    if how == "fused":
+    if how.startswith("fused"):
         optimizer = optimizers.AdamW(params, lr=1e-2, seed=0)
         fused = optimizers.FusedBackwardStep(optimizer, sync=sync)
     else:
@@ -64,7 +67,7 @@ def main(out: Path, how: str, sharding: str, device: str = "cpu") -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync.publish_all(params)
-    if how == "fused":
+    if how.startswith("fused"):
         fused.remove()
     torch.save({f"p{i}": p.detach().cpu().clone() for i, p in enumerate(params)}, out / f"weights-{partition.rank}.pt")
     (out / f"state-{partition.rank}.json").write_text(

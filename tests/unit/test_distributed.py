@@ -77,6 +77,19 @@ def test_sharded_optimizer_state_trains_as_one_process_and_divides_the_state(tmp
     assert max(shares) < 0.6 * one_bytes, f"each process holds about half: {shares} of {one_bytes}"
 
 
+def test_sharded_bfloat16_weights_stay_the_same_on_every_process(tmp_path):
+    """full_bf16's path: the owner's stochastically rounded update is what every process ends with;
+    the whole update lands (bfloat16 weights moved), and each process holds about half the state."""
+    sharded, states = two_processes(tmp_path, "fused-bf16", "shard")
+    start = {f"p{i}": p.detach().to(torch.bfloat16) for i, p in enumerate(sharding_worker.model().parameters())}
+    for name, value in start.items():
+        assert sharded[0][name].dtype == torch.bfloat16
+        assert torch.equal(sharded[0][name], sharded[1][name]), f"{name}: both processes end with the owner's values"
+        assert not torch.equal(sharded[0][name], value), f"{name}: trained"
+    one_bytes = sum(2 * 2 * v.numel() + 4 for v in start.values())  # bfloat16 moments and a step counter per tensor
+    assert sum(s["state_bytes"] for s in states) == one_bytes and max(s["state_bytes"] for s in states) < 0.6 * one_bytes
+
+
 def test_owners_are_balanced_and_the_same_everywhere():
     shapes = [(320, 320), (320,), (1280, 320), (320, 1280), (1280,), (4, 320, 3, 3), (320,), (8,)]
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
