@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .comfy_bridge import folders, sampling
-from .comfy_bridge.diffusion_model import LORA_TARGET_CHOICES
+from .comfy_bridge.diffusion_model import LORA_TARGET_CHOICES, NOISE_LEVEL_CHOICES
 from .core.loss_curve import draw_loss_curve
 from .graph_types import CATEGORY
 from .node_inputs import IMAGES_TOOLTIP, file_hash, image_inputs, resolution_input, shared, training_images
@@ -243,6 +243,50 @@ class DreamBoothFinetune:
             "optional": {
                 **image_inputs("Instance images: photos of your subject. " + IMAGES_TOOLTIP),
                 "class_images": ("IMAGE", {"tooltip": "Your own class images for prior preservation, instead of generating them."}),
+                "noise_levels": (
+                    list(NOISE_LEVEL_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "How training draws noise levels. auto: the family's usual (SD: uniform timesteps; Flux/Chroma: logit-normal shifted for the resolution, as kohya's flux_shift; SD3: logit-normal), or the model's own schedule when a ModelSampling node patched it. shift: uniform through the model's own (shifted) schedule. uniform / logit-normal: flow-matching models only.",
+                    },
+                ),
+                "sigma_min": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.001,
+                        "tooltip": "Flow-matching models: train only noise levels from this sigma (0 = all).",
+                    },
+                ),
+                "sigma_max": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.001,
+                        "tooltip": "Flow-matching models: train only noise levels up to this sigma (1 = all); e.g. one expert of a two-expert model.",
+                    },
+                ),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "Guidance-distilled models (Flux.1-dev): the guidance embedded while training. -1: the family's (1.0 for Flux.1-dev, as kohya, ai-toolkit and SimpleTuner train; 0 for Chroma).",
+                    },
+                ),
+                "loss_target": (
+                    ["model", "x0"],
+                    {
+                        "default": "model",
+                        "tooltip": "model: the loss on what the model predicts (noise, v, or the flow velocity), as the papers train. x0: on the denoised latent, as ComfyUI's own Train LoRA (weighs noisy steps less).",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

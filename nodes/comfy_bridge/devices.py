@@ -41,8 +41,14 @@ def training_memory(model: Any, batch_size: int, resolution: int, trainable_byte
 
 
 def load(patchers: Sequence[Any], memory_required: int = 0) -> None:
-    """Load ``patchers`` for computing, leaving ``memory_required`` free (ComfyUI offloads what does not fit)."""
-    comfy.model_management.load_models_gpu(list(patchers), memory_required=memory_required)
+    """Load ``patchers`` for computing, leaving ``memory_required`` free (ComfyUI offloads what does not fit).
+
+    Under inference mode, as ComfyUI's executor loads every model: called from a training run (grad
+    mode on), moving and patching the loaded (inference) weights outside it leaves weights that
+    autograd and ComfyUI's own forward then refuse ("Inference tensors do not track version
+    counter", seen on CUDA with a LoRA applied before training)."""
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu(list(patchers), memory_required=memory_required)
 
 
 def intermediate_device() -> torch.device:

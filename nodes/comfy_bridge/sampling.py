@@ -25,6 +25,13 @@ def scheduler_names() -> list[str]:
     return list(comfy.samplers.KSampler.SCHEDULERS)
 
 
+def with_guidance(conditioning: list, guidance: float | None) -> list:
+    """CONDITIONING with a guidance value, as the FluxGuidance node sets it (guidance-distilled models)."""
+    if guidance is None:
+        return conditioning
+    return [[cond, {**extra, "guidance": guidance}] for cond, extra in conditioning]
+
+
 def render_preview(
     model: Any,
     clip: comfy.sd.CLIP,
@@ -37,12 +44,15 @@ def render_preview(
     cfg: float = 7.0,
     sampler_name: str = "euler",
     scheduler: str = "normal",
+    guidance: float | None = None,
+    negative_prompt: str = "",
 ) -> Any:
     """An image (PIL) from ComfyUI's own sampler, for the node's live preview."""
     from PIL import Image
 
     with torch.inference_mode():
-        positive, negative = conditioning(clip, prompt), conditioning(clip, "")
+        positive = with_guidance(conditioning(clip, prompt), guidance)
+        negative = with_guidance(conditioning(clip, negative_prompt), guidance)
         channels = model.get_model_object("latent_format").latent_channels
         latent = torch.zeros(1, channels, height // 8, width // 8)
         noise = comfy.sample.prepare_noise(latent, seed)
@@ -69,6 +79,7 @@ def sample_latents(
     cfg: float,
     *,
     negative_prompt: str = "",
+    guidance: float | None = None,
     chunk_size: int = 4,
     node_id: str | None = None,
     owned: Callable[[int], bool] | None = None,
@@ -81,8 +92,8 @@ def sample_latents(
     ``owned(chunk number)``: sample only those chunks (several processes share the work); the
     others stay zeros.
     """
-    positive = conditioning(clip, prompt)
-    negative = conditioning(clip, negative_prompt)
+    positive = with_guidance(conditioning(clip, prompt), guidance)
+    negative = with_guidance(conditioning(clip, negative_prompt), guidance)
     channels = model.get_model_object("latent_format").latent_channels
     chunks = [list(range(s, min(count, s + chunk_size))) for s in range(0, count, chunk_size)]
     bar = comfy.utils.ProgressBar(len(chunks) * steps, node_id=node_id)

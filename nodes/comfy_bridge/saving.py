@@ -16,9 +16,11 @@ import comfy.sd
 import safetensors.torch
 import torch
 
+from ..core.adapters import LoraPair, lora_file_tensors
 from ..core.embedding_file import EmbeddingFile, write_embedding
 from ..core.files import atomic_write
 from . import folders, tokens
+from .diffusion_model import family_of
 
 
 def model_with_diffs(model: Any, diffs: Mapping[str, torch.Tensor]) -> Any:
@@ -67,6 +69,57 @@ def unet_lora_names(model: Any, keys: Iterable[str]) -> dict[str, str]:
         if key_map.get(names[key]) != key:
             raise RuntimeError(f"LoRA name {names[key]} would not load back onto {key}")
     return names
+
+
+def unet_lora_parts(model: Any, keys: Iterable[str]) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """diffusers' PEFT names for diffusion-model weights (``transformer.…``), as ComfyUI's LoraLoader
+    maps them back: a fused weight (SD3's qkv) becomes its parts with their rows, {key: [(name, (offset, rows) or None)]}."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    parts: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    for lora_name, target in key_map.items():
+        if not lora_name.startswith("transformer."):
+            continue
+        if isinstance(target, str):
+            parts.setdefault(target, []).append((lora_name, None))
+        elif isinstance(target, tuple) and len(target) == 2 and target[1] is not None and target[1][0] == 0:
+            parts.setdefault(target[0], []).append((lora_name, (int(target[1][1]), int(target[1][2]))))
+    out = {}
+    for key in keys:
+        found = sorted(parts.get(key, []), key=lambda part: (0 if part[1] is None else part[1][0], part[0]))
+        if not found or (found[0][1] is None and len(found) > 1):
+            raise RuntimeError(f"{key} has no diffusers name ComfyUI maps back onto it: use LoRA targets whose layers diffusers names")
+        out[key] = found[:1] if found[0][1] is None else found
+    return out
+
+
+def unet_lora_tensors(model: Any, pairs: Mapping[str, LoraPair]) -> dict[str, torch.Tensor]:
+    """The diffusion model's LoRA as the family writes it: kohya names (SD, Flux, Chroma) or
+    diffusers' PEFT names (SD3), each loading back through LoraLoader onto the same weights."""
+    if family_of(model).lora_format == "diffusers":
+        parts = unet_lora_parts(model, pairs)
+        tensors: dict[str, torch.Tensor] = {}
+        for key, pair in pairs.items():
+            tensors.update(pair.peft_state_dict(parts[key]))
+        return tensors
+    names = unet_lora_names(model, pairs)
+    return lora_file_tensors({names[k]: p for k, p in pairs.items()})
+
+
+def load_unet_lora(model: Any, pairs: Mapping[str, LoraPair], tensors: Mapping[str, torch.Tensor], file_name: str) -> None:
+    """Continue ``pairs`` from a LoRA file this pack wrote for the model's family."""
+    diffusers = family_of(model).lora_format == "diffusers"
+    layout = unet_lora_parts(model, pairs) if diffusers else unet_lora_names(model, pairs)
+    for key, pair in pairs.items():
+        first = layout[key][0][0] if diffusers else layout[key]
+        wanted = f"{first}.lora_A.weight" if diffusers else f"{first}.lora_up.weight"
+        if wanted not in tensors:
+            raise ValueError(
+                f"cannot resume: {file_name} has no weights for {key}; was it trained with other LoRA targets or without the text encoder?"
+            )
+        if diffusers:
+            pair.load_peft_state_dict(tensors, layout[key])
+        else:
+            pair.load_state_dict(tensors, first)
 
 
 def clip_lora_names(clip: comfy.sd.CLIP, keys: Iterable[str]) -> dict[str, str]:
@@ -121,10 +174,15 @@ def save_checkpoint_file(model: Any, clip: comfy.sd.CLIP, vae: Any, name: str, *
     if not hasattr(clip, "state_dict_for_saving"):
         # ComfyUI before its lazy per-weight saving (0.2x) reads the CLIP's state dict before
         # it loads the models: load (and patch) the CLIP first, so its tuned weights are written.
-        comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
 
     def write(temp: Path) -> None:
-        comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae, metadata=dict(metadata))
+        # As ComfyUI's own save nodes run: under inference mode. Saved from inside a training run
+        # (grad mode on), v0.28's lazy per-weight saving fails on the loaded inference weights
+        # ("Setting requires_grad=True on inference tensor", seen on a GPU).
+        with torch.inference_mode():
+            comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae, metadata=dict(metadata))
 
     return atomic_write(folders.target("checkpoint", name), write, overwrite=overwrite)
 
@@ -155,8 +213,14 @@ def export_checkpoint(model: Any, clip: comfy.sd.CLIP, vae: Any) -> Path:
     if target.is_file():
         return target
     if not hasattr(clip, "state_dict_for_saving"):
-        comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
-    return atomic_write(target, lambda temp: comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae), overwrite=True)
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model, clip.patcher], force_patch_weights=True)
+
+    def write(temp: Path) -> None:
+        with torch.inference_mode():  # as save_checkpoint_file
+            comfy.sd.save_checkpoint(str(temp), model, clip=clip, vae=vae)
+
+    return atomic_write(target, write, overwrite=True)
 
 
 def load_checkpoint(path: Path) -> tuple[Any, comfy.sd.CLIP, Any]:

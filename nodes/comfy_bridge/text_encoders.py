@@ -18,7 +18,7 @@ import torch
 from ..core.adapters import LoraPair
 from ..core.training_layers import saved_activation_copies, training_view
 from ..core.training_math import repeat_to_common_length
-from . import internals, layers, tokens
+from . import devices, internals, layers, tokens
 from .diffusion_model import weight_diffs
 
 # ComfyUI computes every text encoder in float32 (CLIP Text Encode included).
@@ -56,16 +56,17 @@ class TrainingTextEncoder:
         self.device = clip.patcher.load_device
         training_clip = tokens.bind_trigger_words(clip, {}, trainable_words) if trainable_words else clip.clone()
         if own_dtype is not None:
-            clip.load_model()  # the own weights start from the effective (patched) ones
+            devices.load([clip.patcher])  # the own weights start from the effective (patched) ones
         by_path = {key[: -len(".weight")]: pair for key, pair in (adapters or {}).items()}
         self.view = training_view(
             clip.cond_stage_model,
-            layers.cast,
+            layers.borrow,
             TEXT_ENCODER_DTYPE,
             is_layer=layers.is_cast_layer,
             adapters=by_path,
             own_dtype=own_dtype,
             device=self.device,
+            release=layers.release,
         )
         training_clip.cond_stage_model = self.view
         self.clip = training_clip
@@ -95,7 +96,7 @@ class TrainingTextEncoder:
 
     def diffs(self) -> dict[str, torch.Tensor]:
         """Full tuning: trained minus starting weights, keyed as the CLIP's patches are."""
-        self.source.load_model()
+        devices.load([self.source.patcher])
         return weight_diffs(self.view, self.source.cond_stage_model, "", self.device, self.source.patcher.offload_device)
 
 
@@ -116,5 +117,8 @@ def clip_lora_weights(clip: comfy.sd.CLIP) -> dict[str, tuple[int, ...]]:
         if layers.is_cast_layer(module) and isinstance(module, torch.nn.Linear) and ".encoder.layers." in key and key.endswith(suffixes):
             chosen[key] = tuple(module.weight.shape)
     if not chosen:
-        raise ValueError("text-encoder LoRA supports CLIP text encoders (SD1.x, SD2.x, SDXL); this CLIP has none")
+        raise ValueError(
+            "text-encoder LoRA trains CLIP text encoders (SD1.x, SD2.x, SDXL, and Flux's and SD3's CLIP-L/CLIP-G); this CLIP has none. "
+            "T5 and LLM encoders are not trained (too large to tune well, and no trainer people use does it): turn 'train text encoder' off"
+        )
     return chosen

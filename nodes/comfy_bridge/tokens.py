@@ -263,6 +263,10 @@ def token_embedding_rows(clip: comfy.sd.CLIP, text: str) -> dict[str, torch.Tens
         encoder = getattr(clip.cond_stage_model, key, None)
         if encoder is None:
             raise ValueError(f"this CLIP has no '{key}' text encoder")
-        table, _ = layers.cast(encoder.transformer.get_input_embeddings(), torch.float32, torch.device("cpu"))
-        rows[key] = table[torch.tensor(ids, dtype=torch.long)].detach().clone()
+        embeddings = encoder.transformer.get_input_embeddings()
+        table, bias = layers.borrow(embeddings, torch.float32, torch.device("cpu"))
+        try:
+            rows[key] = table[torch.tensor(ids, dtype=torch.long)].detach().clone()
+        finally:
+            layers.release(embeddings, table, bias)
     return rows

@@ -17,7 +17,7 @@ business (it asks ComfyUI's own key maps).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +105,39 @@ class LoraPair:
         self.rank = int(down.shape[0])
         alpha = tensors.get(f"{name}.alpha")
         self.alpha = float(alpha) if alpha is not None else float(self.rank)
+        with torch.no_grad():
+            self.up = torch.nn.Parameter(up.to(self.up.device).contiguous())
+            self.down = torch.nn.Parameter(down.to(self.down.device).contiguous())
+
+    def peft_state_dict(self, parts: Sequence[tuple[str, tuple[int, int] | None]]) -> dict[str, torch.Tensor]:
+        """The pair in diffusers' PEFT layout (``NAME.lora_A.weight`` / ``NAME.lora_B.weight``, alpha/rank
+        baked into B, no ``.alpha`` key), one entry per ``(name, rows)``: a fused weight (ComfyUI's qkv)
+        is written as its parts (to_q, to_k, to_v), each with the same A and its rows of B."""
+        if len(self.shape) > 2:
+            raise ValueError("the PEFT layout here is for linear layers")
+        up = self.up.detach().to("cpu", torch.float32) * self.scale
+        down = self.down.detach().to("cpu", torch.float32).clone()
+        out = {}
+        for name, rows in parts:
+            part = up if rows is None else up[rows[0] : rows[0] + rows[1]]
+            out[f"{name}.lora_A.weight"] = down.clone()
+            out[f"{name}.lora_B.weight"] = part.clone().contiguous()
+        return out
+
+    def load_peft_state_dict(self, tensors: Mapping[str, torch.Tensor], parts: Sequence[tuple[str, tuple[int, int] | None]]) -> None:
+        """Continue from ``peft_state_dict``'s layout (the scale is in B: alpha becomes the rank)."""
+        downs = [tensors[f"{name}.lora_A.weight"].to(torch.float32) for name, _ in parts]
+        if any(not torch.equal(d, downs[0]) for d in downs[1:]):
+            raise ValueError(f"{parts[0][0]}: the parts of this fused weight have different A matrices; it was not saved by this pack")
+        ordered = sorted(parts, key=lambda part: 0 if part[1] is None else part[1][0])
+        up = torch.cat([tensors[f"{name}.lora_B.weight"].to(torch.float32) for name, _ in ordered])
+        down = downs[0]
+        if up.shape[0] != self.shape[0] or down.shape[1] != math.prod(self.shape[1:]) or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"{parts[0][0]}: the saved LoRA ({tuple(up.shape)} @ {tuple(down.shape)}) does not fit a weight of shape {self.shape}"
+            )
+        self.rank = int(down.shape[0])
+        self.alpha = float(self.rank)
         with torch.no_grad():
             self.up = torch.nn.Parameter(up.to(self.up.device).contiguous())
             self.down = torch.nn.Parameter(down.to(self.down.device).contiguous())

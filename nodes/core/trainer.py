@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from .training_images import TrainingImageSet, group_into_buckets
-from .training_math import LossTracker, parse_learning_rate, sample_timesteps
+from .training_math import LossTracker, SigmaSampler, parse_learning_rate
 
 ResizeMode = Literal["crop", "resize", "pad"]
 
@@ -100,7 +100,7 @@ def encode_buckets(
 class Batch:
     latents: torch.Tensor  # [B, C, h, w] on the training device
     noise: torch.Tensor
-    timesteps: torch.Tensor  # [B] discrete, uniform
+    timesteps: torch.Tensor  # [B] noise levels: integer timesteps (discrete-schedule models) or sigmas
     captions: list[str | None]
 
 
@@ -108,11 +108,19 @@ class BatchSampler:
     """Random batches from latent buckets, with random streams of their own.
 
     A bucket is picked in proportion to its size, then ``batch_size`` samples from it (the
-    mirror image half the time when there is one), then noise and timesteps. Two samplers with
-    their own seeds never disturb each other's streams (DreamBooth's instance and class sets).
+    mirror image half the time when there is one), then noise and noise levels (``noise_levels``;
+    uniform integer timesteps by default). Two samplers with their own seeds never disturb each
+    other's streams (DreamBooth's instance and class sets).
     """
 
-    def __init__(self, buckets: Sequence[Sequence[LatentSample]], seed: int, batch_size: int, device: torch.device | str):
+    def __init__(
+        self,
+        buckets: Sequence[Sequence[LatentSample]],
+        seed: int,
+        batch_size: int,
+        device: torch.device | str,
+        noise_levels: SigmaSampler | None = None,
+    ):
         if not buckets or not all(buckets):
             raise ValueError("no latents to draw batches from")
         self.buckets = buckets
@@ -121,13 +129,14 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.batch_size = batch_size
         self.device = device
+        self.noise_levels = noise_levels or SigmaSampler("timesteps")
 
     def draw(self) -> Batch:
         bucket = self.buckets[self.rng.choices(range(len(self.buckets)), weights=self.weights)[0]]
         picks = [bucket[self.rng.randrange(len(bucket))] for _ in range(self.batch_size)]
         latents = torch.stack([p.flipped if p.flipped is not None and self.rng.random() < 0.5 else p.latent for p in picks]).to(self.device)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        return Batch(latents, noise, sample_timesteps(latents.shape[0], self.generator), [p.caption for p in picks])
+        return Batch(latents, noise, self.noise_levels.draw(latents.shape[0], self.generator), [p.caption for p in picks])
 
 
 # --------------------------------------------------------------------------- the loop

@@ -36,14 +36,24 @@ from .adapters import ConvGeometry, LoraPair
 
 # (layer, dtype, device) -> (weight, bias) as the layer's own forward would use them.
 Cast = Callable[[torch.nn.Module, torch.dtype, torch.device], "tuple[torch.Tensor, torch.Tensor | None]"]
+# (layer, weight, bias): the host may reuse what ``cast`` handed out once this is called.
+Release = Callable[[torch.nn.Module, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def _keep(layer: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    pass
+
 
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
+_RMS_NORM = getattr(torch.nn, "RMSNorm", None)
+
+
 def layer_kind(module: torch.nn.Module) -> str | None:
-    """What a TrainingLayer can stand in for: 'linear', 'conv', 'group_norm', 'layer_norm', 'embedding'."""
+    """What a TrainingLayer can stand in for: 'linear', 'conv', 'group_norm', 'layer_norm', 'rms_norm', 'embedding'."""
     if isinstance(module, torch.nn.Linear):
         return "linear"
     if isinstance(module, _CONVS):
@@ -52,6 +62,8 @@ def layer_kind(module: torch.nn.Module) -> str | None:
         return "group_norm"
     if isinstance(module, torch.nn.LayerNorm):
         return "layer_norm"
+    if _RMS_NORM is not None and isinstance(module, _RMS_NORM):
+        return "rms_norm"
     if isinstance(module, torch.nn.Embedding):
         return "embedding"
     return None
@@ -75,12 +87,14 @@ class TrainingLayer(torch.nn.Module):
         adapter: LoraPair | None = None,
         own_dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        release: Release = _keep,
     ):
         super().__init__()
         # Not registered as a submodule: the view's parameters are what trains, nothing shared.
         self.__dict__["source"] = source
         self.kind = kind
         self.cast = cast
+        self.release = release
         self.compute_dtype = compute_dtype
         self.adapter = adapter
         if adapter is not None and kind not in ("linear", "conv"):
@@ -92,6 +106,7 @@ class TrainingLayer(torch.nn.Module):
             # Registered directly: hasattr(self, "weight") already answers with the source's.
             self._parameters["weight"] = torch.nn.Parameter(weight.detach().to(own_dtype, copy=True))
             self._parameters["bias"] = None if bias is None else torch.nn.Parameter(bias.detach().to(own_dtype, copy=True))
+            release(source, weight, bias)
 
     def __getattr__(self, name: str) -> Any:
         # Code that reads a layer's attributes (its weight's device, in_features, ...) reads
@@ -111,7 +126,11 @@ class TrainingLayer(torch.nn.Module):
     # ------------------------------------------------------------------ weights
 
     def frozen_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shared layer's weights for one use; ``release_weights`` them once it is over."""
         return self.cast(self.source, dtype, device)
+
+    def release_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.release(self.source, weight, bias)
 
     def geometry(self) -> ConvGeometry | None:
         s = self.source
@@ -133,6 +152,8 @@ class TrainingLayer(torch.nn.Module):
             return F.group_norm(x, s.num_groups, weight, bias, s.eps)
         if self.kind == "layer_norm":
             return F.layer_norm(x, s.normalized_shape, weight, bias, s.eps)
+        if self.kind == "rms_norm":
+            return F.rms_norm(x, s.normalized_shape, weight, s.eps)
         if self.kind == "embedding":
             return F.embedding(x, weight, s.padding_idx, s.max_norm, s.norm_type, s.scale_grad_by_freq, s.sparse)
         raise AssertionError(self.kind)
@@ -186,8 +207,9 @@ class TrainingLayer(torch.nn.Module):
                 weight = self.weight.to(dtype)
                 bias = None if self.bias is None else self.bias.to(dtype)
             else:
-                weight, bias = self.frozen_weights(dtype, x.device)
-                weight, bias = _private(weight), _private(bias)
+                shared, shared_bias = self.frozen_weights(dtype, x.device)
+                weight, bias = _private(shared), _private(shared_bias)
+                self.release_weights(shared, shared_bias)
             return self.op(x, weight, bias)
         if self.own:
             if self.weight.dtype == dtype:
@@ -204,8 +226,12 @@ class TrainingLayer(torch.nn.Module):
         if self.own:
             weight = self.weight if out_dtype is None else self.weight.to(out_dtype)
         else:
-            weight, _ = self.frozen_weights(out_dtype or self.source.weight.dtype, ids.device)
-            weight = weight.detach()  # only ids go in: nothing to save, nothing to differentiate
+            shared, shared_bias = self.frozen_weights(out_dtype or self.source.weight.dtype, ids.device)
+            try:  # only ids go in: nothing to save, nothing to differentiate
+                out = self.op(ids, shared.detach(), None)
+            finally:
+                self.release_weights(shared, shared_bias)
+            return out if out_dtype is None else out.to(out_dtype)
         out = self.op(ids, weight, None)
         return out if out_dtype is None else out.to(out_dtype)
 
@@ -222,6 +248,14 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext()
 
 
+def _not_a_view(output: torch.Tensor) -> torch.Tensor:
+    # A linear layer on a non-contiguous input (Flux's patchified image) can return a view of
+    # its result; autograd forbids modifying a custom Function's view output in place, and Flux
+    # adds its residuals in place (`img += ...`). Detached, it is a plain tensor on the same
+    # memory (nothing else refers to the result), so no copy is made.
+    return output.detach() if output._is_view() else output
+
+
 class _FrozenAffine(torch.autograd.Function):
     """y = op(x, W, b) for a frozen W, which is not kept: backward casts it again."""
 
@@ -231,15 +265,21 @@ class _FrozenAffine(torch.autograd.Function):
         ctx.input_shape = x.shape
         with _no_autocast(x.device):
             weight, bias = layer.frozen_weights(x.dtype, x.device)
-            return layer.op(x, weight, bias)
+            try:
+                return _not_a_view(layer.op(x, weight, bias))
+            finally:
+                layer.release_weights(weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
         with _no_autocast(grad.device):
-            weight, _ = ctx.layer.frozen_weights(grad.dtype, grad.device)
-            return ctx.layer.input_grad(grad, weight, ctx.input_shape), None
+            weight, bias = ctx.layer.frozen_weights(grad.dtype, grad.device)
+            try:
+                return ctx.layer.input_grad(grad, weight, ctx.input_shape), None
+            finally:
+                ctx.layer.release_weights(weight, bias)
 
 
 class _CastAffine(torch.autograd.Function):
@@ -252,7 +292,7 @@ class _CastAffine(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias)
         with _no_autocast(x.device):
-            return layer.op(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            return _not_a_view(layer.op(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -277,8 +317,10 @@ def training_view(
     adapters: Mapping[str, LoraPair] | None = None,
     own_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    release: Release = _keep,
 ) -> torch.nn.Module:
-    """A view of ``root`` whose layers (``is_layer``) are TrainingLayers.
+    """A view of ``root`` whose layers (``is_layer``) are TrainingLayers (``cast`` hands out a
+    shared layer's weights for one use, ``release`` takes them back).
 
     ``adapters``: {module path below root: LoraPair}. ``own_dtype``: every supported layer
     gets trainable weights of its own in that dtype, on ``device`` (full fine-tuning); any
@@ -297,10 +339,12 @@ def training_view(
             adapter = adapters.get(path)
             if adapter is not None:
                 placed.add(path)
-            new: torch.nn.Module = TrainingLayer(module, kind, cast, compute_dtype, adapter=adapter, own_dtype=own_dtype, device=device)
+            new: torch.nn.Module = TrainingLayer(
+                module, kind, cast, compute_dtype, adapter=adapter, own_dtype=own_dtype, device=device, release=release
+            )
             own.extend(p for p in new._parameters.values() if p is not None)
-        elif not module._modules and own_dtype is None:
-            new = module  # a leaf that is no layer (activations, dropout): shared
+        elif not module._modules and own_dtype is None and not any(p is not None for p in module._parameters.values()):
+            new = module  # a leaf that is no layer and holds no weight (activations, dropout): shared
         else:
             new = copy.copy(module)
             new._modules = {n: None if c is None else build(c, f"{path}.{n}" if path else n) for n, c in module._modules.items()}
@@ -310,6 +354,14 @@ def training_view(
                     for n, p in module._parameters.items()
                 }
                 own.extend(p for p in new._parameters.values() if p is not None)
+            elif module._parameters:
+                # Weights held outside ComfyUI's cast layers (Flux's QK-norm scale on v0.3.64, SD3.5's
+                # RMSNorm, a MoE gate) are loaded as inference tensors, which autograd cannot save:
+                # the view computes with frozen private copies (small), the shared ones stay as they are.
+                new._parameters = {
+                    n: None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    for n, p in module._parameters.items()
+                }
         memo[id(module)] = new
         return new
 

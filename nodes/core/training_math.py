@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-Prediction = Literal["eps", "v"]
+Prediction = Literal["eps", "v", "flow", "x0"]
+SigmaScheme = Literal["timesteps", "schedule", "uniform", "logit-normal", "flux-shift"]
 
 
 # --------------------------------------------------------------------------- learning rate
@@ -75,24 +76,128 @@ def sample_timesteps(batch_size: int, generator: torch.Generator, num_timesteps:
     return torch.randint(0, num_timesteps, (batch_size,), generator=generator)
 
 
-def prediction_loss(denoised: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, prediction: Prediction) -> torch.Tensor:
-    """Per-sample MSE in the model's own target space (noise for eps models, v for v models).
+def loss_weight(sigma: torch.Tensor, prediction: Prediction, sigma_data: float = 1.0) -> torch.Tensor:
+    """w(σ) such that the model's own target error is (latent − denoised)·w(σ).
 
-    ComfyUI returns the denoised estimate (k-diffusion parameterisation, x = latent + sigma*noise).
-    For an eps model, eps_pred - noise = (latent - denoised) / sigma; for a v model (sigma_data = 1)
-    v_pred - v = (latent - denoised) * sqrt(sigma^2 + 1) / sigma. So both are the MSE on the
-    denoised latent, weighted per timestep; regressing the denoised latent unweighted (as
-    ComfyUI's own LoRA trainer does) would train a different objective.
+    ComfyUI returns the denoised estimate D. For an eps model (x = latent + σ·noise) the noise
+    error is (latent − D)/σ; for a v model it is (latent − D)·√(σ² + σd²)/(σ·σd) (EDM's λ(σ) is
+    its square); for a flow model (x = σ·noise + (1 − σ)·latent, velocity noise − latent) the
+    velocity error is (latent − D)/σ; ``x0`` regresses D itself, as ComfyUI's own trainer does.
+    """
+    if prediction in ("eps", "flow"):
+        return 1.0 / sigma
+    if prediction == "v":
+        if sigma_data == 1.0:
+            return torch.sqrt(sigma * sigma + 1.0) / sigma
+        return torch.sqrt(sigma * sigma + sigma_data * sigma_data) / (sigma * sigma_data)
+    if prediction == "x0":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+def prediction_loss(
+    denoised: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, prediction: Prediction, sigma_data: float = 1.0
+) -> torch.Tensor:
+    """Per-sample MSE in the model's own target space (noise, v, velocity, or the clean latent).
+
+    Every target error is the error of the denoised latent scaled per sample (``loss_weight``),
+    so one formula serves each objective; regressing the denoised latent unweighted (as
+    ComfyUI's own LoRA trainer does, ``x0``) weights noisy steps by σ² less than the papers.
     """
     sigma = sigma.reshape(-1, *([1] * (latent.dim() - 1))).to(denoised.dtype)
-    if prediction == "eps":
-        scale = 1.0 / sigma
-    elif prediction == "v":
-        scale = torch.sqrt(sigma * sigma + 1.0) / sigma
-    else:
-        raise ValueError(f"unknown prediction type {prediction!r}")
+    scale = loss_weight(sigma, prediction, sigma_data)
     error = (latent.to(denoised.dtype) - denoised) * scale
     return error.pow(2).flatten(1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- noise levels
+
+# Flow sigmas stay inside (0, 1): the velocity error divides by σ.
+FLOW_SIGMA_FLOOR = 1e-3
+
+
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift s·t / (1 + (s − 1)·t); Flux's μ is the shift s = e^μ."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_resolution_mu(image_tokens: int, base: tuple[int, float] = (256, 0.5), top: tuple[int, float] = (4096, 1.15)) -> float:
+    """Flux's μ for an image of ``image_tokens`` packed 2×2 latent patches: linear from 0.5 at
+    256 tokens to 1.15 at 4096 (what BFL sample with, and kohya's ``flux_shift`` trains with)."""
+    slope = (top[1] - base[1]) / (top[0] - base[0])
+    return base[1] + slope * (image_tokens - base[0])
+
+
+@dataclass(frozen=True)
+class SigmaSampler:
+    """Draws the noise level of each training sample.
+
+    ``timesteps``: uniform integer timesteps (discrete-schedule models: SD1.x, SD2.x, SDXL), which
+    the model's own schedule turns into sigmas. The others give sigmas directly:
+    ``schedule``: uniform through ``table``, the model's own sigma schedule from high noise to low
+    (as patched: a shift node, a continuous EDM/V schedule), interpolated;
+    ``uniform``: σ ~ U(0, 1); ``logit-normal``: σ = sigmoid(N(0, 1)) (SD3's paper);
+    ``flux-shift``: logit-normal, then shifted by ``shift`` (e^μ for Flux's resolution μ).
+    ``sigma_range`` keeps flow sigmas in [lo, hi] (one expert of a two-expert model) by scaling.
+    """
+
+    scheme: SigmaScheme
+    table: torch.Tensor | None = None
+    shift: float = 1.0
+    sigma_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def discrete(self) -> bool:
+        return self.scheme == "timesteps"
+
+    def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.scheme == "timesteps":
+            size = 1000 if self.table is None else int(self.table.shape[0])
+            lo, hi = self._index_range(size)
+            return (
+                torch.randint(lo, hi, (count,), generator=generator) if (lo, hi) != (0, size) else sample_timesteps(count, generator, size)
+            )
+        if self.scheme == "schedule":
+            if self.table is None:
+                raise ValueError("the 'schedule' noise levels need the model's sigma table")
+            u = torch.rand(count, generator=generator, dtype=torch.float64)
+            sigmas = _interpolate(self.table.to(torch.float64), u * (self.table.shape[0] - 1))
+            return self._in_range(sigmas, flow=False)
+        if self.scheme == "uniform":
+            t = torch.rand(count, generator=generator, dtype=torch.float64)
+        elif self.scheme in ("logit-normal", "flux-shift"):
+            t = torch.sigmoid(torch.randn(count, generator=generator, dtype=torch.float64))
+            if self.scheme == "flux-shift":
+                t = time_shift(t, self.shift)
+        else:
+            raise ValueError(f"unknown noise-level scheme {self.scheme!r}")
+        return self._in_range(t, flow=True)
+
+    def _index_range(self, size: int) -> tuple[int, int]:
+        lo, hi = self.sigma_range
+        if self.table is None or (lo, hi) == (0.0, 1.0):
+            return 0, size
+        inside = torch.nonzero((self.table >= lo) & (self.table <= hi)).flatten()
+        if inside.numel() == 0:
+            raise ValueError(f"no timestep of this model's schedule has a sigma in [{lo}, {hi}]")
+        return int(inside[0]), int(inside[-1]) + 1
+
+    def _in_range(self, sigmas: torch.Tensor, flow: bool) -> torch.Tensor:
+        lo, hi = self.sigma_range
+        if (lo, hi) != (0.0, 1.0):
+            sigmas = lo + (hi - lo) * sigmas if flow else sigmas.clamp(lo, hi)
+        if flow:
+            sigmas = sigmas.clamp(FLOW_SIGMA_FLOOR, 1.0)
+        return sigmas.to(torch.float32)
+
+
+def _interpolate(table: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    low = position.floor().long().clamp(0, table.shape[0] - 1)
+    high = (low + 1).clamp(max=table.shape[0] - 1)
+    weight = position - low
+    return table[low] * (1 - weight) + table[high] * weight
 
 
 def repeat_to_common_length(conds: Sequence[torch.Tensor]) -> torch.Tensor:

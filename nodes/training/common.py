@@ -42,4 +42,4 @@ def diffusion_loss(
         pooled = None if pooled is None else pooled.expand(count, -1)
     denoised = unet.denoise(x, sigma, cond, pooled)
     goal = latents if target is None else target
-    return prediction_loss(denoised.float(), goal.float(), sigma, unet.prediction).mean()
+    return prediction_loss(denoised.float(), goal.float(), sigma, unet.prediction, unet.sigma_data).mean()

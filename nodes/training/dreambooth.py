@@ -28,9 +28,12 @@ import torch
 from ..comfy_bridge import devices, folders, sampling, saving, tokens
 from ..comfy_bridge.diffusion_model import (
     DiffusionModelForTraining,
+    family_of,
     model_family,
     model_identity,
+    noise_level_sampler,
     prediction_type,
+    training_mode,
     unet_lora_weights,
 )
 from ..comfy_bridge.diffusion_model import weight_count as diffusion_weight_count
@@ -57,13 +60,12 @@ from ..core.trainer import (
 )
 from ..core.training_images import TrainingImageSet
 from ..core.training_math import LearningRateSchedule, LossTracker
+from ..families import SamplingDefaults
 from .common import diffusion_loss, grad_scaler, precision_for
 from .textual_inversion import model_family_of
 
 log = logging.getLogger(__name__)
 
-# The paper's Stable Diffusion rate for full fine-tuning; the usual one for LoRA.
-AUTO_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 AUTO_EMBEDDING_LEARNING_RATE = 5e-4
 WEIGHT_DECAY = {"full": 1e-2, "lora": 1e-4}  # the diffusers examples' defaults
 MAX_GRAD_NORM = 1.0  # the diffusers examples' gradient clipping
@@ -96,6 +98,11 @@ class DreamBoothSettings(TrainingSettings):
     class_scheduler: str = "normal"
     class_steps: int = 30
     class_cfg: float = 7.0
+    noise_levels: str = "auto"  # auto / uniform / logit-normal / shift (see comfy_bridge.diffusion_model)
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
+    guidance: float = -1.0  # guidance-distilled models (Flux.1-dev): the value trained with; below 0: the family's
+    loss_target: Literal["model", "x0"] = "model"  # the model's own target (eps / v / velocity), or ComfyUI core's x0
     steps: int = 800
     gradient_checkpointing: bool = False
     optimizer: Literal["AdamW", "AdamW8bit"] = "AdamW"
@@ -205,15 +212,28 @@ def validate(
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ValueError("optimizer AdamW8bit needs the bitsandbytes package (pip install bitsandbytes); or choose AdamW") from None
-    schedule = learning_rate(settings.learning_rate, AUTO_LEARNING_RATE[settings.mode])
+    family = family_of(model)
+    schedule = learning_rate(settings.learning_rate, family.learning_rates[settings.mode])
     text_schedule = schedule
     if settings.text_encoder_learning_rate.strip().lower() != "auto":
         text_schedule = learning_rate(settings.text_encoder_learning_rate, schedule.rate(1), "text encoder learning rate")
     embedding_schedule = learning_rate(settings.embedding_learning_rate, AUTO_EMBEDDING_LEARNING_RATE, "embedding learning rate")
     prediction_type(model)  # refuses families trained another way, with their name
+    if settings.loss_target not in ("model", "x0"):
+        raise ValueError(f"loss target must be 'model' or 'x0' (got '{settings.loss_target}')")
+    if not math.isfinite(settings.guidance):
+        raise ValueError("guidance must be a number (below 0: the model family's)")
+    noise_level_sampler(model, settings.noise_levels, settings.resolution, (settings.sigma_min, settings.sigma_max))
     precision_for(model, settings.precision, full=settings.mode == "full", full_bf16=settings.full_bf16)  # refuses fp8 full mode
     if settings.mode == "lora":
         unet_lora_weights(model, settings.lora_targets)
+        if settings.gradient_checkpointing and family.activation_copies:
+            # Recomputing these blocks in backward gives the LoRA terms' saved inputs another layout
+            # than the forward did, which torch's checkpoint refuses; not yet mended.
+            raise ValueError(
+                f"gradient checkpointing with a LoRA on {family.name} is not supported yet: turn gradient checkpointing off "
+                "(full fine-tuning supports it)"
+            )
         if settings.train_text_encoder:
             clip_lora_weights(clip)
     if settings.pivotal_tuning:
@@ -262,22 +282,43 @@ def resume_kind(settings: DreamBoothSettings) -> str | None:
 # --------------------------------------------------------------------------- class images
 
 
+# The class-image settings the node starts with: left as they are, the family's own are used.
+_UNCHANGED_CLASS_SAMPLING = ("euler_ancestral", "normal", 30, 7.0)
+
+
+def class_sampling(model: Any, settings: DreamBoothSettings) -> SamplingDefaults:
+    """How class images are sampled: the family's usual settings unless the user changed the node's.
+
+    Flux.1-dev samples with cfg 1 and its guidance in the conditioning, Chroma and SD3 with real
+    CFG; SD keeps the settings the node starts with. Settings a user changed are used as given
+    (a guidance-distilled model keeps its family's guidance value).
+    """
+    family = family_of(model)
+    given = (settings.class_sampler, settings.class_scheduler, settings.class_steps, float(settings.class_cfg))
+    if given == _UNCHANGED_CLASS_SAMPLING:
+        return family.class_sampling
+    return SamplingDefaults(*given, guidance=family.class_sampling.guidance, negative=family.class_sampling.negative)
+
+
 def class_cache_key(model: Any, settings: DreamBoothSettings) -> tuple[str, dict[str, Any]]:
+    how = class_sampling(model, settings)
     description = {
         "model": model_identity(model),
         "family": model_family(model),
         "prompt": settings.class_prompt.strip(),
-        "negative": "",
-        "sampler": settings.class_sampler,
-        "scheduler": settings.class_scheduler,
-        "steps": settings.class_steps,
-        "cfg": float(settings.class_cfg),
+        "negative": how.negative,
+        "sampler": how.sampler,
+        "scheduler": how.scheduler,
+        "steps": how.steps,
+        "cfg": float(how.cfg),
         "width": settings.resolution,
         "height": settings.resolution,
         "seed": settings.seed,
         "count": settings.num_class_images,
         "chunk": CLASS_SAMPLE_CHUNK,
     }
+    if how.guidance is not None:
+        description["guidance"] = float(how.guidance)
     return class_cache.cache_key(description), description
 
 
@@ -294,7 +335,8 @@ def class_latents(
     if cached is not None:
         log.info("DreamBooth: reusing %d cached class images for '%s'", cached.shape[0], settings.class_prompt)
         return cached, True
-    log.info("DreamBooth: generating %d class images for '%s'", settings.num_class_images, settings.class_prompt)
+    how = class_sampling(model, settings)
+    log.info("DreamBooth: generating %d class images for '%s' (%s)", settings.num_class_images, settings.class_prompt, how.describe())
     latents = sampling.sample_latents(
         model,
         clip,
@@ -303,10 +345,12 @@ def class_latents(
         settings.resolution,
         settings.resolution,
         settings.seed,
-        settings.class_sampler,
-        settings.class_scheduler,
-        settings.class_steps,
-        settings.class_cfg,
+        how.sampler,
+        how.scheduler,
+        how.steps,
+        how.cfg,
+        negative_prompt=how.negative,
+        guidance=how.guidance,
         chunk_size=CLASS_SAMPLE_CHUNK,
         node_id=node_id,
         owned=partition.owns if partition.distributed else None,
@@ -418,6 +462,13 @@ class DreamBoothTrainer:
                 f"full fine-tuning holds about {trainable_bytes / 2**30:.2f} GiB beyond the frozen model (its own weights{share}); "
                 "ComfyUI keeps that free, offloading frozen weights where it must"
             )
+        noise_levels, noise_note = noise_level_sampler(
+            model, settings.noise_levels, settings.resolution, (settings.sigma_min, settings.sigma_max)
+        )
+        family = family_of(model)
+        if not noise_levels.discrete:  # SD's uniform timesteps are what every SD trainer does: no note
+            self.notes.append(noise_note)
+        self.notes.extend(family.notes)
         self.unet = DiffusionModelForTraining(
             model,
             self.precision.compute_dtype,
@@ -425,7 +476,14 @@ class DreamBoothTrainer:
             own_dtype=own_dtype,
             gradient_checkpointing=settings.gradient_checkpointing,
             memory_required=devices.training_memory(model, settings.batch_size, settings.resolution, trainable_bytes),
+            noise_levels=noise_levels,
+            guidance=None if settings.guidance < 0 else settings.guidance,
+            prediction="x0" if settings.loss_target == "x0" else None,
         )
+        if self.unet.guidance is not None:
+            self.notes.append(f"guidance {self.unet.guidance:g} embedded while training ({family.name})")
+        if settings.loss_target == "x0":
+            self.notes.append("loss on the denoised latent (x0), as ComfyUI's own trainer; noisy steps weigh σ² less")
 
         # --- the text side
         self.clip_pairs: dict[str, LoraPair] = {}
@@ -460,6 +518,7 @@ class DreamBoothTrainer:
             settings.seed,
             settings.batch_size,
             self.unet.device,
+            noise_levels,
         )
         self.klass: BatchSampler | None = None
         if settings.prior_preservation:
@@ -470,7 +529,7 @@ class DreamBoothTrainer:
             else:
                 scaled = self.unet.scaled_latents(class_raw)
                 class_buckets = [[LatentSample(scaled[i], None, None) for i in range(scaled.shape[0])]]
-            self.klass = BatchSampler(class_buckets, settings.seed ^ _CLASS_STREAM, settings.batch_size, self.unet.device)
+            self.klass = BatchSampler(class_buckets, settings.seed ^ _CLASS_STREAM, settings.batch_size, self.unet.device, noise_levels)
 
         self.frozen_text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
@@ -524,11 +583,10 @@ class DreamBoothTrainer:
         name = self.settings.resume_from.partition("/")[2]
         if kind == "loras":
             tensors, metadata = saving.read_lora_file(name)
-            for pairs, names in (
-                (self.unet_pairs, saving.unet_lora_names(self.model, self.unet_pairs)),
-                (self.clip_pairs, saving.clip_lora_names(self.clip, self.clip_pairs) if self.clip_pairs else {}),
-            ):
-                for key, pair in pairs.items():
+            saving.load_unet_lora(self.model, self.unet_pairs, tensors, name)
+            if self.clip_pairs:
+                names = saving.clip_lora_names(self.clip, self.clip_pairs)
+                for key, pair in self.clip_pairs.items():
                     if f"{names[key]}.lora_up.weight" not in tensors:
                         raise ValueError(
                             f"cannot resume: {name} has no weights for {key}; was it trained with other LoRA targets or "
@@ -659,8 +717,7 @@ class DreamBoothTrainer:
     # ----------------------------------------------------------------------- results
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        names = saving.unet_lora_names(self.model, self.unet_pairs)
-        tensors = lora_file_tensors({names[k]: p for k, p in self.unet_pairs.items()})
+        tensors = saving.unet_lora_tensors(self.model, self.unet_pairs)
         if self.clip_pairs:
             clip_names = saving.clip_lora_names(self.clip, self.clip_pairs)
             tensors.update(lora_file_tensors({clip_names[k]: p for k, p in self.clip_pairs.items()}))
@@ -693,7 +750,7 @@ class DreamBoothTrainer:
             "identifier": self.plan.identifier,
             "instance_prompt": s.instance_prompt.strip(),
             "class_prompt": s.class_prompt.strip(),
-            "base_model": self.unet.family,
+            "base_model": self.unet.family.name,
             "steps": str(step),
             "training_settings": json.dumps(
                 {k: v for k, v in asdict(s).items() if k not in ("overwrite", "save")}, sort_keys=True, default=str
@@ -766,8 +823,21 @@ class _DreamBoothRun:
         if t.partition.rank != 0:
             return None  # one process shows what is learnt
         preview_model, preview_clip = t.preview_models()
+        how = t.unet.family.preview_sampling
         image = sampling.render_preview(
-            preview_model, preview_clip, self.vae, self.preview_prompt, t.settings.seed, t.settings.resolution, t.settings.resolution
+            preview_model,
+            preview_clip,
+            self.vae,
+            self.preview_prompt,
+            t.settings.seed,
+            t.settings.resolution,
+            t.settings.resolution,
+            steps=how.steps,
+            cfg=how.cfg,
+            sampler_name=how.sampler,
+            scheduler=how.scheduler,
+            guidance=how.guidance,
+            negative_prompt=how.negative,
         )
         t.unet.load(t.clip.patcher)  # sampling and decoding may have swapped our models out
         return sampling.preview_payload(image)
@@ -795,7 +865,7 @@ class _DreamBoothRun:
                 embedding,
                 self.name,
                 overwrite=overwrite,
-                base_model=t.unet.family,
+                base_model=t.unet.family.name,
                 steps=step,
                 training_settings={"method": "dreambooth-pivotal", "identifier": t.plan.identifier},
             )
@@ -833,7 +903,7 @@ def train_dreambooth(
                 f"λ = {settings.prior_loss_weight:g}"
             )
     host = host or ComfyProgress(settings.steps, node_id, "dreambooth")
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), training_mode():
         trainer = DreamBoothTrainer(
             model, clip, vae, images, settings, plan, class_raw=class_raw, class_pixels=class_images, partition=partition
         )

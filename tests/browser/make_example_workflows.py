@@ -20,7 +20,10 @@ serialize(), only the workflow's "id" (a fixed UUID per file, so regenerating gi
 file) and extra.ds (the view it opens with: all of it, at a zoom where text is drawn) are set.
 
 Every workflow carries a MarkdownNote saying what to set and what it produces. Model and
-file names are placeholders users replace (v1-5-pruned-emaonly.safetensors, input/my-subject).
+file names are placeholders users replace (v1-5-pruned-emaonly.safetensors; for Flux.1-dev
+flux1-dev.safetensors, clip_l.safetensors, t5xxl_fp16.safetensors and ae.safetensors; for
+SD3.5 sd3.5_medium.safetensors with clip_g.safetensors; input/my-subject), named as the
+models' own downloads and ComfyUI's examples name them.
 tests/browser/test_example_workflows.py loads each file as drag-and-drop does and runs it.
 """
 
@@ -40,6 +43,15 @@ sys.path.insert(0, str(BROWSER_DIR))
 sys.path.insert(0, str(BROWSER_DIR.parent))
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+# Flux.1-dev and SD3.5 as their users load them (ComfyUI's own examples): Flux's diffusion model,
+# its two text encoders and its autoencoder are separate files; SD3.5's checkpoint holds the
+# MMDiT and the VAE, its three text encoders come from TripleCLIPLoader.
+FLUX_MODEL = "flux1-dev.safetensors"
+FLUX_VAE = "ae.safetensors"
+SD35_CHECKPOINT = "sd3.5_medium.safetensors"
+CLIP_L = "clip_l.safetensors"
+CLIP_G = "clip_g.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
 IMAGES_FOLDER = "my-subject"
 ID_NAMESPACE = uuid.UUID("5b0c3a8e-5f1e-4f57-9b8a-1c2d3e4f5a6b")
 
@@ -55,12 +67,20 @@ def _note(text: str, height: int = 640) -> dict:
     return {"type": "MarkdownNote", "title": "Read me", "widgets": {"text": text.strip() + "\n"}, "size": [440, height], **NOTE_COLOR}
 
 
-def _render(prefix: str, positive: str, negative: str = NEGATIVE) -> dict:
+def _render(
+    prefix: str,
+    positive: str,
+    negative: str = NEGATIVE,
+    sampling: dict | None = None,
+    latent: str = "EmptyLatentImage",
+    size: int = 512,
+    negative_title: str = "Negative prompt",
+) -> dict:
     """The nodes of a plain text-to-image render (keys pos, neg, latent, sampler, decode, save)."""
     return {
         "pos": {"type": "CLIPTextEncode", "title": "Positive prompt", "widgets": {"text": positive}, "size": [400, 150], **GREEN},
-        "neg": {"type": "CLIPTextEncode", "title": "Negative prompt", "widgets": {"text": negative}, "size": [400, 150], **RED},
-        "latent": {"type": "EmptyLatentImage", "widgets": {"width": 512, "height": 512, "batch_size": 1}},
+        "neg": {"type": "CLIPTextEncode", "title": negative_title, "widgets": {"text": negative}, "size": [400, 150], **RED},
+        "latent": {"type": latent, "widgets": {"width": size, "height": size, "batch_size": 1}},
         "sampler": {
             "type": "KSampler",
             "widgets": {
@@ -71,6 +91,7 @@ def _render(prefix: str, positive: str, negative: str = NEGATIVE) -> dict:
                 "sampler_name": "euler",
                 "scheduler": "normal",
                 "denoise": 1.0,
+                **(sampling or {}),
             },
         },
         "decode": {"type": "VAEDecode"},
@@ -191,6 +212,79 @@ Much less memory and disk than a full fine-tune.
   `embedding:dreambooth-sks` where the prompt says `sks`;
 - a render of *"a watercolor painting of sks dog"* with the tuned MODEL and CLIP (LoRA and vector
   applied), and the loss curve.
+"""
+
+DREAMBOOTH_FLUX_NOTE = f"""
+## DreamBooth LoRA for Flux.1-dev, with prior preservation
+
+Trains a LoRA on Flux.1-dev from 3-5 photos of one subject, named by a rare identifier:
+**`sks`** in *"a photo of sks dog"*. Prior preservation also trains on images Flux itself makes
+for *"a photo of dog"*, so the LoRA keeps the rest of the class as it was.
+
+**Set**
+1. **Load Diffusion Model**: `{FLUX_MODEL}` (in `ComfyUI/models/diffusion_models/`), `weight_dtype`
+   default. With 24 GB or less, pick `fp8_e4m3fn`: the LoRA trains over the fp8 weights.
+2. **DualCLIPLoader** (*Load CLIP (Dual)*): `{CLIP_L}` and `{T5XXL}` (or the fp8 T5) from
+   `models/text_encoders/`, `type` flux. **Load VAE**: `{FLUX_VAE}` from `models/vae/`.
+3. **Image Folder**: 3-5 photos of the subject in `ComfyUI/input/{IMAGES_FOLDER}/`
+   (`path` = `{IMAGES_FOLDER}`, or pick it in `folder` and clear `path`).
+4. **DreamBooth Fine-tune** (`mode` = `lora`, `prior_preservation` on):
+   - `instance_prompt` `a photo of sks dog`, `class_prompt` `a photo of dog`: use your
+     subject's class noun (`man`, `cat`, `backpack`).
+   - `num_class_images` 100, generated once (cached in `models/personalize_cache`) the way Flux
+     samples: euler/simple, 20 steps, cfg 1, guidance 3.5. That is what `class_sampler`,
+     `class_scheduler`, `class_steps` and `class_cfg` mean *left at their values*; change one
+     and yours are used.
+   - `resolution` 512, as many Flux LoRAs are trained: 1024 (Flux's own) gives more detail
+     for much more memory and time.
+   - `lora_rank` / `lora_alpha` 16, `lora_targets` attention, `steps` 1000, `learning_rate`
+     auto (1e-4). Guidance 1.0 is embedded while training, as kohya and ai-toolkit do.
+   - `train_text_encoder` adds CLIP-L to the LoRA (T5 is not trained); pivotal tuning is
+     not available for Flux.
+5. **Queue**.
+
+**You get**
+- `ComfyUI/models/loras/dreambooth-sks-flux.safetensors` (kohya's names): load it with
+  **LoraLoaderModelOnly** (or **Load LoRA**, with CLIP-L trained) on `{FLUX_MODEL}`;
+- a render of *"a photo of sks dog ..."* with the tuned model, sampled as Flux.1-dev is:
+  FluxGuidance 3.5, cfg 1, euler/simple (at cfg 1 the negative prompt is not used);
+- the loss curve (instance and prior loss) and training notes.
+
+The training seed is *fixed*: queueing again re-renders without retraining.
+"""
+
+DREAMBOOTH_SD35_NOTE = f"""
+## DreamBooth LoRA for Stable Diffusion 3.5
+
+Trains a LoRA on SD3.5 (medium or large) from 3-5 photos of one subject, named by a rare
+identifier: **`sks`** in *"a photo of sks dog"*, with prior preservation on *"a photo of dog"*.
+
+**Set**
+1. **Load Checkpoint**: `{SD35_CHECKPOINT}` (or `sd3.5_large.safetensors`) in
+   `ComfyUI/models/checkpoints/`: its MODEL and VAE are used.
+2. **TripleCLIPLoader** (*Load CLIP (Triple)*): `{CLIP_L}`, `{CLIP_G}` and `{T5XXL}` (or the fp8
+   T5) from `models/text_encoders/`. A checkpoint that includes its text encoders
+   (`..._incl_clips_...`) can give its own CLIP instead: connect Load Checkpoint's CLIP.
+3. **Image Folder**: 3-5 photos of the subject in `ComfyUI/input/{IMAGES_FOLDER}/`
+   (`path` = `{IMAGES_FOLDER}`, or pick it in `folder` and clear `path`).
+4. **DreamBooth Fine-tune** (`mode` = `lora`):
+   - `instance_prompt` `a photo of sks dog`, `class_prompt` `a photo of dog`: use your
+     subject's class noun. `prior_preservation` generates `num_class_images` class images once
+     (cached) the way SD3.5 samples (euler/sgm_uniform, 28 steps, cfg 4.5): the class sampling
+     widgets left at their values mean that. Off, it trains on your photos only (faster).
+   - `resolution` 1024, `lora_rank` / `lora_alpha` 16, `lora_targets` attention, `steps` 800,
+     `learning_rate` auto (1e-4).
+   - `train_text_encoder` adds CLIP-L and CLIP-G to the LoRA (T5 is not trained).
+5. **Queue**.
+
+**You get**
+- `ComfyUI/models/loras/dreambooth-sks-sd35.safetensors` (diffusers' names, which Load LoRA and
+  diffusers both read): load it with **Load LoRA** on the same checkpoint;
+- a render of *"a photo of sks dog ..."* with the tuned MODEL and CLIP, sampled as SD3.5 is:
+  cfg 4.5, euler/sgm_uniform, 28 steps;
+- the loss curve and training notes.
+
+The training seed is *fixed*: queueing again re-renders without retraining.
 """
 
 
@@ -361,11 +455,178 @@ def dreambooth_lora_pivotal() -> dict:
     )
 
 
+def _trainer_outputs() -> dict:
+    """The training node's loss curve and notes (keys loss, status)."""
+    return {
+        "loss": {"type": "PreviewImage", "title": "Loss curve", "size": [400, 330]},
+        "status": {"type": "PreviewAny", "title": "Training notes", "size": [420, 200]},
+    }
+
+
+def _dreambooth_node(settings: dict) -> dict:
+    return {
+        "type": "PersonalizeDreamBoothFinetune",
+        "size": [400, 0],
+        "widgets": {
+            "instance_prompt": "a photo of sks dog",
+            "class_prompt": "a photo of dog",
+            "identifier": "",
+            "seed": 0,
+            "control_after_generate": "fixed",
+            **settings,
+        },
+    }
+
+
+def dreambooth_flux_lora() -> dict:
+    """Flux.1-dev from its three files, a LoRA with prior preservation, a render as Flux samples."""
+    render = _render(
+        "dreambooth/sks-dog-flux",
+        "a photo of sks dog sitting in a bucket in a sunny garden, detailed fur, soft light",
+        negative="",
+        sampling={"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+        latent="EmptySD3LatentImage",
+        size=1024,
+        negative_title="Negative prompt (unused at cfg 1)",
+    )
+    return {
+        "columns": [
+            ["note", "unet", "clip", "vae", "images"],
+            ["train"],
+            ["pos", "neg", "latent"],
+            ["guidance", "sampler", "loss"],
+            ["decode", "save", "status"],
+        ],
+        "nodes": {
+            "note": _note(DREAMBOOTH_FLUX_NOTE, 700),
+            "unet": {"type": "UNETLoader", "widgets": {"unet_name": FLUX_MODEL, "weight_dtype": "default"}, "size": [440, 110]},
+            "clip": {
+                "type": "DualCLIPLoader",
+                "widgets": {"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"},
+                "size": [440, 160],
+            },
+            "vae": {"type": "VAELoader", "widgets": {"vae_name": FLUX_VAE}, "size": [440, 80]},
+            "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
+            "train": _dreambooth_node(
+                {
+                    "mode": "lora",
+                    "prior_preservation": True,
+                    "num_class_images": 100,
+                    "prior_loss_weight": 1.0,
+                    "steps": 1000,
+                    "learning_rate": "auto",
+                    "lora_rank": 16,
+                    "lora_alpha": 16.0,
+                    "lora_targets": "attention",
+                    "train_text_encoder": False,
+                    "pivotal_tuning": False,
+                    "resolution": 512,
+                    "save_every": 250,
+                    "preview_every": 250,
+                    "preview_prompt": "",
+                    "file_name": "dreambooth-sks-flux",
+                }
+            ),
+            **render,
+            "guidance": {"type": "FluxGuidance", "widgets": {"guidance": 3.5}, "size": [320, 80], **GREEN},
+            **_trainer_outputs(),
+        },
+        "links": [
+            ("unet", "MODEL", "train", "model"),
+            ("clip", "CLIP", "train", "clip"),
+            ("vae", "VAE", "train", "vae"),
+            ("images", "image_set", "train", "image_set"),
+            ("train", "clip", "pos", "clip"),
+            ("train", "clip", "neg", "clip"),
+            ("pos", "CONDITIONING", "guidance", "conditioning"),
+            ("guidance", "CONDITIONING", "sampler", "positive"),
+            ("neg", "CONDITIONING", "sampler", "negative"),
+            ("train", "model", "sampler", "model"),
+            ("latent", "LATENT", "sampler", "latent_image"),
+            ("train", "loss_curve", "loss", "images"),
+            ("train", "status", "status", "source"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("vae", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+    }
+
+
+def dreambooth_sd35_lora() -> dict:
+    """SD3.5 from its checkpoint (MODEL, VAE) and TripleCLIPLoader, a LoRA, a render as SD3.5 samples."""
+    render = _render(
+        "dreambooth/sks-dog-sd35",
+        "a photo of sks dog wearing a red scarf in the snow, detailed, sharp focus",
+        sampling={"steps": 28, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"},
+        latent="EmptySD3LatentImage",
+        size=1024,
+    )
+    return {
+        "columns": [
+            ["note", "ckpt", "clip", "images"],
+            ["train"],
+            ["pos", "neg", "latent"],
+            ["sampler", "loss"],
+            ["decode", "save", "status"],
+        ],
+        "nodes": {
+            "note": _note(DREAMBOOTH_SD35_NOTE, 640),
+            "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": SD35_CHECKPOINT}, "size": [440, 100]},
+            "clip": {
+                "type": "TripleCLIPLoader",
+                "widgets": {"clip_name1": CLIP_L, "clip_name2": CLIP_G, "clip_name3": T5XXL},
+                "size": [440, 130],
+            },
+            "images": {"type": "PersonalizeImageFolder", "widgets": {"path": IMAGES_FOLDER}, "size": [440, 200]},
+            "train": _dreambooth_node(
+                {
+                    "mode": "lora",
+                    "prior_preservation": True,
+                    "num_class_images": 100,
+                    "prior_loss_weight": 1.0,
+                    "steps": 800,
+                    "learning_rate": "auto",
+                    "lora_rank": 16,
+                    "lora_alpha": 16.0,
+                    "lora_targets": "attention",
+                    "train_text_encoder": False,
+                    "pivotal_tuning": False,
+                    "resolution": 1024,
+                    "preview_every": 200,
+                    "preview_prompt": "",
+                    "file_name": "dreambooth-sks-sd35",
+                }
+            ),
+            **render,
+            **_trainer_outputs(),
+        },
+        "links": [
+            ("ckpt", "MODEL", "train", "model"),
+            ("clip", "CLIP", "train", "clip"),
+            ("ckpt", "VAE", "train", "vae"),
+            ("images", "image_set", "train", "image_set"),
+            ("train", "clip", "pos", "clip"),
+            ("train", "clip", "neg", "clip"),
+            ("train", "model", "sampler", "model"),
+            ("train", "loss_curve", "loss", "images"),
+            ("train", "status", "status", "source"),
+            ("pos", "CONDITIONING", "sampler", "positive"),
+            ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("ckpt", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+    }
+
+
 WORKFLOWS = {
     "textual_inversion": textual_inversion,
     "apply_embedding": apply_embedding,
     "dreambooth_prior_preservation": dreambooth_prior_preservation,
     "dreambooth_lora_pivotal": dreambooth_lora_pivotal,
+    "dreambooth_flux_lora": dreambooth_flux_lora,
+    "dreambooth_sd35_lora": dreambooth_sd35_lora,
 }
 
 # Runs in the page: build one workflow, return app.graph.serialize() and the problems found.

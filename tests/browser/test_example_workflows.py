@@ -6,24 +6,65 @@ then switch it to tiny settings through the page (widgets set BY NAME: the tiny 
 SD1.5 checkpoint, a folder of three 64×64 images, resolution 64, 2 steps, ...), queue it, wait
 for the run and check the files it wrote and the outputs ComfyUI reports.
 
+The Flux.1-dev and SD3.5 examples run the same way on a second fresh server (fixture
+``family_comfy``) whose base directory also holds tiny_family_loaders.py as a custom node: the
+tiny random families of tests/tiny_families.py, linked under the examples' placeholder names
+(flux1-dev.safetensors, clip_l.safetensors, ...), load through ComfyUI's own loader nodes there.
+
 Regenerate the examples with tests/browser/make_example_workflows.py when inputs change.
 The helpers here are reused by test_training_progress_live.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from comfy_process import PACK_DIR, PACK_NAME
+from comfy_process import ARTIFACTS_DIR, PACK_DIR, PACK_NAME, ComfyServer, make_base_dir
 
 EXAMPLES_DIR = PACK_DIR / "example_workflows"
-EXAMPLES = ["textual_inversion", "apply_embedding", "dreambooth_prior_preservation", "dreambooth_lora_pivotal"]
+EXAMPLES = [
+    "textual_inversion",
+    "apply_embedding",
+    "dreambooth_prior_preservation",
+    "dreambooth_lora_pivotal",
+    "dreambooth_flux_lora",
+    "dreambooth_sd35_lora",
+]
 PLACEHOLDER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the name the examples carry
+# The model files each example's loaders name, as saved (node type -> its first widgets_values),
+# and what the note calls each loader.
+_SD15 = {"CheckpointLoaderSimple": [PLACEHOLDER_CHECKPOINT]}
+PLACEHOLDERS = {
+    "textual_inversion": _SD15,
+    "apply_embedding": _SD15,
+    "dreambooth_prior_preservation": _SD15,
+    "dreambooth_lora_pivotal": _SD15,
+    "dreambooth_flux_lora": {
+        "UNETLoader": ["flux1-dev.safetensors", "default"],
+        "DualCLIPLoader": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux"],
+        "VAELoader": ["ae.safetensors"],
+    },
+    "dreambooth_sd35_lora": {
+        "CheckpointLoaderSimple": ["sd3.5_medium.safetensors"],
+        "TripleCLIPLoader": ["clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"],
+    },
+}
+LOADER_NAMES = {
+    "CheckpointLoaderSimple": "Load Checkpoint",
+    "UNETLoader": "Load Diffusion Model",
+    "DualCLIPLoader": "DualCLIPLoader",
+    "TripleCLIPLoader": "TripleCLIPLoader",
+    "VAELoader": "Load VAE",
+}
 IMAGES_FOLDER = "e2e-subject"  # under the test server's input/
 FRONTEND_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 TITLE_HEIGHT = 30
@@ -73,7 +114,12 @@ def install_test_files(base_dir: Path | str) -> dict:
     checkpoints = base / "models" / "checkpoints"
     _link(checkpoints / tiny.name, tiny)
     _link(checkpoints / PLACEHOLDER_CHECKPOINT, tiny)
-    folder = base / "input" / IMAGES_FOLDER
+    return {"checkpoint": tiny.name, "images": install_images(base)}
+
+
+def install_images(base_dir: Path | str) -> Path:
+    """input/e2e-subject in the server's base dir: 3 small images with captions (idempotent)."""
+    folder = Path(base_dir) / "input" / IMAGES_FOLDER
     if not folder.is_dir():
         from PIL import Image, ImageDraw
 
@@ -89,7 +135,7 @@ def install_test_files(base_dir: Path | str) -> dict:
                 draw.polygon([(32, 8), (56, 54), (8, 54)], fill=color)
             image.save(folder / f"{i:02d}.png")
             (folder / f"{i:02d}.txt").write_text(f"a {shape} toy on a plain background")
-    return {"checkpoint": tiny.name, "images": folder}
+    return folder
 
 
 def refresh_combos(browser) -> None:
@@ -267,7 +313,9 @@ def test_example_file_is_a_tidy_ui_workflow(name, comfy_server):
     notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     assert notes and len(notes[0]["widgets_values"][0]) > 300
     text = notes[0]["widgets_values"][0]
-    assert "Load Checkpoint" in text and "You get" in text
+    assert "You get" in text
+    for loader in PLACEHOLDERS[name]:
+        assert LOADER_NAMES[loader] in text, f"the note does not say what to set in {LOADER_NAMES[loader]}"
 
     nodes = {n["id"]: n for n in wf["nodes"]}
     boxes = {i: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT) for i, n in nodes.items()}
@@ -283,9 +331,10 @@ def test_example_file_is_a_tidy_ui_workflow(name, comfy_server):
         left_to_right = a[0] + nodes[src]["size"][0] < b[0]
         down_a_column = a[0] == b[0] and a[1] < b[1]
         assert left_to_right or down_a_column, f"link {link_id} goes backwards"
-    # the checkpoint and images are realistic placeholders the user replaces
-    loader = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
-    assert loader["widgets_values"] == [PLACEHOLDER_CHECKPOINT]
+    # the model files and images are realistic placeholders the user replaces
+    for loader, values in PLACEHOLDERS[name].items():
+        [node] = [n for n in wf["nodes"] if n["type"] == loader]
+        assert node["widgets_values"][: len(values)] == values, (loader, node["widgets_values"])
     for folder in (n for n in wf["nodes"] if n["type"] == "PersonalizeImageFolder"):
         assert folder["widgets_values"][:2] == ["(none: use the path)", "my-subject"]
 
@@ -406,3 +455,228 @@ def test_dreambooth_lora_pivotal_example(browser, comfy_server, e2e):
     [image] = _images(e2e, result, _only(node_ids(browser, "SaveImage")))
     assert image.parent == base / "output" / "dreambooth" and image.name.startswith("sks-dog-lora")
     _images(e2e, result, _only(node_ids(browser, "PreviewImage")), size=None)
+
+
+# ------------------------------------------------------------ Flux.1-dev and SD3.5, end to end
+TINY_FAMILIES_NODE = "personalize_tiny_families"  # tiny_family_loaders.py, as a custom node
+FAMILIES = {"dreambooth_flux_lora": "flux-dev", "dreambooth_sd35_lora": "sd35"}
+
+
+def family_tiny_settings() -> dict[str, dict]:
+    """Tiny settings for the family examples: the class sampling stays at the node's values, so
+    the family's own (Flux.1-dev 20 steps, SD3.5 28 at cfg 4.5: cheap at 64 px) is what runs."""
+    return {
+        "PersonalizeImageFolder": {"folder": IMAGES_FOLDER, "path": ""},
+        "PersonalizeDreamBoothFinetune": {
+            "resolution": 64,
+            "steps": 2,
+            "num_class_images": 1,
+            "lora_rank": 2,
+            "lora_alpha": 2.0,
+            "save_every": 0,
+            "preview_every": 0,
+        },
+        "KSampler": {"steps": 2},
+        "EmptySD3LatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    }
+
+
+def _relink(target: Path, source: Path) -> None:
+    """target -> source, replacing what was there (clip_l.safetensors differs between families)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(source)
+
+
+def _sd35_checkpoint(files: dict) -> Path:
+    """An SD3.5 checkpoint as Stability ships it (MMDiT under model.diffusion_model., VAE under
+    first_stage_model., no text encoders) from the tiny family's files; cached beside them."""
+    from comfyui_runtime import MODEL_CACHE
+    from safetensors.torch import load_file, save_file
+
+    dit, vae = Path(files["diffusion_model"]["path"]), Path(files["vae"]["path"])
+    tag = hashlib.sha256(f"{dit.name}+{vae.name}".encode()).hexdigest()[:8]
+    path = Path(MODEL_CACHE) / f"tiny-family-checkpoint-sd35-{tag}.safetensors"
+    if not path.is_file():
+        state = {f"model.diffusion_model.{k}": v for k, v in load_file(str(dit)).items()}
+        state.update({f"first_stage_model.{k}": v for k, v in load_file(str(vae)).items()})
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        save_file(state, str(partial))
+        os.replace(partial, path)  # concurrent runs never see half a file
+    return path
+
+
+def place_family_files(base: Path, name: str, files: dict) -> dict[str, Path]:
+    """The tiny family's files under the placeholder names the example's loaders carry."""
+    models = base / "models"
+    family = files[FAMILIES[name]]
+    encoders = {e["key"]: Path(e["path"]) for e in family["text_encoders"]}
+    if name == "dreambooth_flux_lora":
+        placed = {
+            models / "diffusion_models" / "flux1-dev.safetensors": Path(family["diffusion_model"]["path"]),
+            models / "text_encoders" / "clip_l.safetensors": encoders["clip_l"],
+            models / "text_encoders" / "t5xxl_fp16.safetensors": encoders["t5xxl"],
+            models / "vae" / "ae.safetensors": Path(family["vae"]["path"]),
+        }
+    else:
+        placed = {
+            models / "checkpoints" / "sd3.5_medium.safetensors": _sd35_checkpoint(family),
+            models / "text_encoders" / "clip_l.safetensors": encoders["clip_l"],
+            models / "text_encoders" / "clip_g.safetensors": encoders["clip_g"],
+            models / "text_encoders" / "t5xxl_fp16.safetensors": encoders["t5xxl"],
+        }
+    for target, source in placed.items():
+        _relink(target, source)
+    return placed
+
+
+@pytest.fixture(scope="module")
+def family_comfy(request, browser_prerequisites):
+    """A fresh ComfyUI server (main.py, CPU) with this pack and the test-only custom node that
+    makes the tiny Flux.1-dev and SD3.5 files loadable by ComfyUI's loader nodes, and its own
+    browser. The shared server cannot serve here: a custom node must be there when it starts."""
+    from browser_driver import Browser
+    from comfyui_runtime import MODEL_CACHE, find_comfyui
+
+    server = ComfyServer(find_comfyui(), python=sys.executable)
+    make_base_dir(server.base_dir)
+    node = server.base_dir / "custom_nodes" / TINY_FAMILIES_NODE
+    node.mkdir()
+    shutil.copyfile(Path(__file__).with_name("tiny_family_loaders.py"), node / "__init__.py")
+    config = {"tests_dir": str(PACK_DIR / "tests"), "model_cache": str(MODEL_CACHE), "families": sorted(set(FAMILIES.values()))}
+    (node / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    failed_before = request.session.testsfailed
+    browser = None
+    try:
+        t0 = time.monotonic()
+        server.start()
+        browser = Browser(server.url, log_path=server.base_dir / "drive.log")
+        browser.open()
+        print(f"family server and browser ready in {time.monotonic() - t0:.1f} s")
+        files = json.loads((node / "files.json").read_text(encoding="utf-8"))
+        install_images(server.base_dir)
+        yield {"server": server, "browser": browser, "files": files, "base": server.base_dir, "settings": family_tiny_settings()}
+    finally:
+        failed = request.session.testsfailed > failed_before
+        if browser is not None:
+            if failed:
+                ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+                try:
+                    browser.screenshot(ARTIFACTS_DIR / "family-examples.png")
+                    (ARTIFACTS_DIR / "family-examples.errors.json").write_text(json.dumps(browser.errors(), indent=1))
+                except Exception as e:  # the browser may be what broke
+                    (ARTIFACTS_DIR / "family-examples.errors.json").write_text(json.dumps({"artifact_error": str(e)}))
+            browser.close()
+        server.stop()
+        if failed and server.log_path.exists():
+            server.save_log("comfyui-family-server.log")
+        server.cleanup()
+
+
+def _run_family_example(family_comfy, name: str) -> dict:
+    """Place the family's files, load the example as drag-and-drop does, set tiny settings, run it."""
+    server, browser, base = family_comfy["server"], family_comfy["browser"], family_comfy["base"]
+    place_family_files(base, name, family_comfy["files"])
+    refresh_combos(browser)
+    log_start = len(server.log_text())
+    _prepare(browser, server, family_comfy, name)
+    seq = browser.eval("window.__drive.seq")
+    result = _queue(browser, timeout=300)
+    result["log"] = server.log_text()[log_start:]
+    print(f"{name}: {_node_seconds(browser, seq)}")
+    train = _only(node_ids(browser, "PersonalizeDreamBoothFinetune"))
+    assert_progress_done(browser, train, "dreambooth")
+    return result
+
+
+def _node_seconds(browser, since: int) -> str:
+    """Seconds per node of the run just finished (the "executing" events' page times), for the log."""
+    events = browser.cmd("events", since=since, types=["executing", "execution_success"])
+    times = [(executing_node(e) if e["type"] == "executing" else None, e["t"]) for e in events]
+    types = {str(n["id"]): n["type"] for n in browser.eval("app.graph.serialize().nodes")}
+    spans = [(types.get(node, node), (end - start) / 1000) for (node, start), (_, end) in itertools.pairwise(times) if node]
+    return ", ".join(f"{node} {seconds:.1f} s" for node, seconds in spans if seconds >= 0.5)
+
+
+def _family_lora(base: Path, file_name: str, base_model: str) -> dict:
+    tensors, metadata = read_safetensors(base / "models" / "loras" / f"{file_name}.safetensors")
+    assert metadata.get("base_model") == base_model, metadata
+    assert all(_finite(t) for t in tensors.values())
+    return tensors
+
+
+def _finite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor.float()).all())
+
+
+def test_dreambooth_flux_lora_example(family_comfy):
+    """Flux.1-dev as its users load it (Load Diffusion Model, DualCLIPLoader type flux, Load VAE):
+    the LoRA with prior preservation trains, class images drawn with Flux's own sampling, and the
+    tuned model renders through FluxGuidance 3.5 at cfg 1."""
+    browser, base = family_comfy["browser"], family_comfy["base"]
+    result = _run_family_example(family_comfy, "dreambooth_flux_lora")
+    log = result["log"]
+    # ComfyUI's loader nodes loaded the tiny files (the test node's adjustment, for them only)
+    for loaded in ("diffusion model", "text encoders"):
+        assert f"personalize tests: tiny flux-dev {loaded}" in log, log[-3000:]
+    # class images: the family's sampling, since the example leaves the node's values
+    assert "generating 1 class images for 'a photo of dog' (euler/simple, 20 steps, cfg 1, guidance 3.5)" in log, log[-3000:]
+
+    tensors = _family_lora(base, "dreambooth-sks-flux", "Flux.1-dev")
+    downs = {k: t for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    assert downs and all(k.startswith("lora_unet_") for k in tensors), sorted(tensors)[:4]
+    assert any("double_blocks" in k for k in downs) and any("single_blocks" in k for k in downs), sorted(downs)
+    assert all(t.shape[0] == 2 for t in downs.values())
+    status = _dreambooth_status(result, browser)
+    for line in (
+        "identifier 'sks'",
+        "prior preservation with 1 class images (generated) for 'a photo of dog'",
+        "guidance 1 embedded while training (Flux.1-dev)",
+        "saved lora: dreambooth-sks-flux.safetensors",
+    ):
+        assert line in status, status
+    # the render: the tuned model, FluxGuidance 3.5 on the positive prompt, cfg 1, euler/simple
+    prompt = browser.eval("app.graphToPrompt().then((p) => p.output)")
+    [sampler] = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+    guidance = prompt[sampler["inputs"]["positive"][0]]
+    assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 3.5
+    assert prompt[sampler["inputs"]["model"][0]]["class_type"] == "PersonalizeDreamBoothFinetune"
+    assert (sampler["inputs"]["cfg"], sampler["inputs"]["sampler_name"], sampler["inputs"]["scheduler"]) == (1.0, "euler", "simple")
+    [image] = _images(family_comfy, result, _only(node_ids(browser, "SaveImage")))
+    assert image.parent == base / "output" / "dreambooth" and image.name.startswith("sks-dog-flux")
+    _images(family_comfy, result, _only(node_ids(browser, "PreviewImage")), size=None)
+
+
+def test_dreambooth_sd35_lora_example(family_comfy):
+    """SD3.5 as its users load it (Load Checkpoint for MODEL and VAE, TripleCLIPLoader): the LoRA
+    trains, class images drawn with SD3's own sampling, the tuned model renders at cfg 4.5."""
+    browser, base = family_comfy["browser"], family_comfy["base"]
+    result = _run_family_example(family_comfy, "dreambooth_sd35_lora")
+    log = result["log"]
+    # TripleCLIPLoader got the tiny encoders' sizes; the checkpoint needed nothing (SD3's
+    # detection reads every size from the weights), and the helper left it alone
+    assert "personalize tests: tiny sd35 text encoders" in log, log[-3000:]
+    assert "personalize tests: tiny sd35 diffusion model" not in log
+    assert "generating 1 class images for 'a photo of dog' (euler/sgm_uniform, 28 steps, cfg 4.5)" in log, log[-3000:]
+
+    tensors = _family_lora(base, "dreambooth-sks-sd35", "SD3")
+    assert all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in tensors), sorted(tensors)[:4]
+    assert any(".attn.to_q.lora_A" in k for k in tensors) and any(".attn2.to_q.lora_A" in k for k in tensors), sorted(tensors)
+    assert all(t.shape[0] == 2 for k, t in tensors.items() if ".lora_A." in k)
+    status = _dreambooth_status(result, browser)
+    for line in (
+        "identifier 'sks'",
+        "prior preservation with 1 class images (generated) for 'a photo of dog'",
+        "saved lora: dreambooth-sks-sd35.safetensors",
+    ):
+        assert line in status, status
+    prompt = browser.eval("app.graphToPrompt().then((p) => p.output)")
+    [sampler] = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+    assert prompt[sampler["inputs"]["model"][0]]["class_type"] == "PersonalizeDreamBoothFinetune"
+    assert (sampler["inputs"]["cfg"], sampler["inputs"]["sampler_name"], sampler["inputs"]["scheduler"]) == (4.5, "euler", "sgm_uniform")
+    [image] = _images(family_comfy, result, _only(node_ids(browser, "SaveImage")))
+    assert image.parent == base / "output" / "dreambooth" and image.name.startswith("sks-dog-sd35")
+    _images(family_comfy, result, _only(node_ids(browser, "PreviewImage")), size=None)

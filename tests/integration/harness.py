@@ -62,6 +62,83 @@ def textual_inversion_inputs(**overrides) -> dict:
     return values
 
 
+def dreambooth_inputs(model, clip, vae, **overrides) -> dict:
+    """Every widget of DreamBooth Fine-tune, set for a quick LoRA run on the tests' tiny models (a
+    fresh file name each call); ``overrides`` replace or add inputs (``images`` among them)."""
+    import uuid
+
+    values = {
+        "model": model,
+        "clip": clip,
+        "vae": vae,
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "identifier": "",
+        "mode": "lora",
+        "prior_preservation": False,
+        "num_class_images": 2,
+        "prior_loss_weight": 1.0,
+        "steps": 2,
+        "learning_rate": "auto",
+        "lora_rank": 4,
+        "lora_alpha": 4.0,
+        "lora_targets": "attention",
+        "train_text_encoder": False,
+        "text_encoder_learning_rate": "auto",
+        "pivotal_tuning": False,
+        "embedding_learning_rate": "auto",
+        "batch_size": 1,
+        "gradient_accumulation": 1,
+        "seed": 0,
+        "resolution": 64,
+        "resize_mode": "crop",
+        "aspect_buckets": True,
+        "flip": False,
+        "class_sampler": "euler",
+        "class_scheduler": "normal",
+        "class_steps": 2,
+        "class_cfg": 5.0,
+        "gradient_checkpointing": False,
+        "optimizer": "AdamW",
+        "save_every": 0,
+        "file_name": f"db-{uuid.uuid4().hex[:8]}",
+        "overwrite": False,
+    }
+    values.update(overrides)
+    return values
+
+
+def richardson_check(loss_fn, params, h: float, seed: int = 0, rel: float = 0.02, floor: float = 1e-7) -> float:
+    """Autograd's directional derivative of ``loss_fn`` along a seeded random unit direction in
+    ``params`` against Richardson-extrapolated central differences (steps h and h/2); returns it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    directions = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum((d * d).sum() for d in directions))
+    directions = [d / norm for d in directions]
+
+    def central(step: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, directions, strict=True):
+                p.add_(step * d)
+            up = float(loss_fn())
+            for p, d in zip(params, directions, strict=True):
+                p.sub_(2 * step * d)
+            down = float(loss_fn())
+            for p, d in zip(params, directions, strict=True):
+                p.add_(step * d)
+        return (up - down) / (2 * step)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(), params)
+        analytic = float(sum((gr * d).sum() for gr, d in zip(grads, directions, strict=True)))
+        numeric = (4 * central(h / 2) - central(h)) / 3
+    assert abs(numeric) > floor, "the numeric derivative is at the rounding floor: nothing connects"
+    assert analytic == pytest.approx(numeric, rel=rel), (analytic, numeric)
+    return analytic
+
+
 @contextlib.contextmanager
 def cancel_at_step(step: int):
     """Press ComfyUI's Cancel when a node's progress bar reaches ``step``; the body must raise

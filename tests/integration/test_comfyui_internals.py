@@ -49,8 +49,15 @@ def test_cast_bias_weight_gives_the_weights_a_layer_computes_with():
         layer.weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float16), requires_grad=False)
         layer.bias = torch.nn.Parameter(torch.randn(3, dtype=torch.float16), requires_grad=False)
     name = "comfy.ops.cast_bias_weight"
-    weight, bias = layers.cast(layer, torch.float16, torch.device("cpu"))
-    assert weight is layer.weight and bias is layer.bias, f"{name}: no copy when dtype and device already match"
+    weight, bias = layers.borrow(layer, torch.float16, torch.device("cpu"))
+    assert weight.data_ptr() == layer.weight.data_ptr() and bias.data_ptr() == layer.bias.data_ptr(), (
+        f"{name}: no copy when dtype and device already match"
+    )
+    layers.release(layer, weight, bias)
+    if layers.OFFLOADABLE:  # v0.28+: the offloadable form and its uncast
+        raw = comfy.ops.cast_bias_weight(layer, dtype=torch.float16, device=torch.device("cpu"), bias_dtype=torch.float16, offloadable=True)
+        assert len(raw) == 3, f"{name}(offloadable=True): (weight, bias, offload stream)"
+        comfy.ops.uncast_bias_weight(layer, *raw)
     weight, bias = layers.cast(layer, torch.float32, torch.device("cpu"))
     assert weight.dtype == bias.dtype == torch.float32 and torch.equal(weight, layer.weight.float()), (
         f"{name}: the cast to the input's dtype"
@@ -77,6 +84,31 @@ def test_diffusion_model_wrappers_route_the_forward(sd15):
             unet.denoise(torch.randn(1, 4, 8, 8, generator=g), unet.sigmas(torch.tensor([500])), torch.randn(1, 77, 768, generator=g))
     assert unet.route.calls == 1 and called == ["_forward"], f"comfy.patcher_extension DIFFUSION_MODEL: wrapper called {called}"
     assert "forward" not in vars(sd15["model"].model.diffusion_model), "the shared diffusion model is not patched"
+
+
+def test_apply_model_runs_the_diffusion_model_slot_on_inputs_in_manual_cast_dtype(sd15):
+    """BaseModel.apply_model calls ``self.diffusion_model`` (the slot SD3's training view stands in,
+    for models whose forward runs no DIFFUSION_MODEL wrappers) on inputs cast to
+    ``manual_cast_dtype`` (which training in another dtype than the model's sets for its calls)."""
+    base = sd15["model"].model
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, x, timesteps, context=None, **kwargs):
+            seen.update(x=x.dtype, context=context.dtype)
+            return torch.zeros_like(x)
+
+    original, previous = base._modules["diffusion_model"], base.manual_cast_dtype
+    base._modules["diffusion_model"] = Probe()
+    base.manual_cast_dtype = torch.float64
+    try:
+        with torch.inference_mode():
+            base.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), c_crossattn=torch.zeros(1, 77, 768))
+    finally:
+        base._modules["diffusion_model"], base.manual_cast_dtype = original, previous
+    assert seen == {"x": torch.float64, "context": torch.float64}, "BaseModel.diffusion_model / manual_cast_dtype in apply_model"
 
 
 def test_embedding_syntax_reads_files_from_the_tokenizers_embedding_directory(sd15, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from harness import cancel_at_step, pack_module, run_node
+from harness import cancel_at_step, dreambooth_inputs, pack_module, run_node
 
 _ROOT = pack_module().__name__
 db = importlib.import_module(_ROOT + ".nodes.training.dreambooth")
@@ -58,46 +58,7 @@ def _images(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _inputs(sd15, **overrides):
-    values = {
-        "model": sd15["model"],
-        "clip": sd15["clip"],
-        "vae": sd15["vae"],
-        "images": _images(),
-        "instance_prompt": "a photo of sks dog",
-        "class_prompt": "a photo of dog",
-        "identifier": "",
-        "mode": "lora",
-        "prior_preservation": False,
-        "num_class_images": 2,
-        "prior_loss_weight": 1.0,
-        "steps": 2,
-        "learning_rate": "auto",
-        "lora_rank": 4,
-        "lora_alpha": 4.0,
-        "lora_targets": "attention",
-        "train_text_encoder": False,
-        "text_encoder_learning_rate": "auto",
-        "pivotal_tuning": False,
-        "embedding_learning_rate": "auto",
-        "batch_size": 1,
-        "gradient_accumulation": 1,
-        "seed": 0,
-        "resolution": 64,
-        "resize_mode": "crop",
-        "aspect_buckets": True,
-        "flip": False,
-        "class_sampler": "euler",
-        "class_scheduler": "normal",
-        "class_steps": 2,
-        "class_cfg": 5.0,
-        "gradient_checkpointing": False,
-        "optimizer": "AdamW",
-        "save_every": 0,
-        "file_name": f"db-{uuid.uuid4().hex[:8]}",
-        "overwrite": False,
-    }
-    values.update(overrides)
-    return values
+    return dreambooth_inputs(sd15["model"], sd15["clip"], sd15["vae"], **{"images": _images(), **overrides})
 
 
 def _settings(**overrides):
