@@ -311,5 +311,5 @@ def test_full_fine_tuning_trains_a_copy_and_saves_a_checkpoint(name):
 
 def test_lora_with_gradient_checkpointing_on_flux_is_refused_before_any_work():
     entry = family("flux-dev")
-    with pytest.raises(ValueError, match="gradient checkpointing with a LoRA on Flux.1-dev is not supported yet"):
+    with pytest.raises(ValueError, match=r"gradient checkpointing with a LoRA on Flux\.1-dev is not supported yet"):
         run_dreambooth(**_inputs(entry, gradient_checkpointing=True))
