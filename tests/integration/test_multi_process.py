@@ -288,10 +288,11 @@ def test_dreambooth_on_two_processes_equals_one_on_the_union_of_their_batches(sd
     if mode == "lora":
         assert two.lora.keys() == one.lora.keys()
         # AdamW divides by the gradient's own size, so where a gradient is near zero the summation
-        # order's rounding moves an element by up to ~1 % of the learning rate (1e-3): measured
-        # 1e-5 at most. A process's gradient missing from the sum would move them by ~1e-3.
+        # order's rounding moves an element by up to ~10 % of the learning rate (1e-3): measured
+        # 1e-5 at most on an Intel Xeon, 5.9e-5 on an AMD EPYC (one element of 1536). A process's
+        # gradient missing from the sum would move them by ~1e-3.
         for key in one.lora:
-            torch.testing.assert_close(two.lora[key], one.lora[key], rtol=1e-4, atol=3e-5, msg=key)
+            torch.testing.assert_close(two.lora[key], one.lora[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
         torch.testing.assert_close(two.embedding.vectors["clip_l"], one.embedding.vectors["clip_l"], rtol=1e-4, atol=1e-6)
     else:
         assert two.diffs["model"].keys() == one.diffs["model"].keys()
