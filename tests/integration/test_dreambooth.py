@@ -58,7 +58,9 @@ def _images(count: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _inputs(sd15, **overrides):
-    return dreambooth_inputs(sd15["model"], sd15["clip"], sd15["vae"], **{"images": _images(), **overrides})
+    models = {"model": sd15["model"], "clip": sd15["clip"], "vae": sd15["vae"], "images": _images()}
+    models.update(overrides)
+    return dreambooth_inputs(**models)
 
 
 def _settings(**overrides):
